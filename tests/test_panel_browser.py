@@ -1,0 +1,230 @@
+"""The knob panel in a real browser: JupyterLab + headless Chromium driven by Playwright.
+
+The test starts JupyterLab on 127.0.0.1 (a free port, a random token), writes a notebook that builds a `KnobPanel`
+on a tiny random Llama with two alignment vectors, opens it in headless Chromium, runs it, moves one slider with
+the keyboard and drags the other past the end of its track (so its value clamps), presses Generate, and checks
+the page (the readouts, the answer, the judge's label) and the kernel side (the notebook writes what it received
+to a JSON file).
+
+Needs Debian's `chromium` (apt) and the `browser` extra (`playwright`, `jupyterlab`); Playwright's own browser
+download is not used. Skips with the reason when one is missing. HOME, XDG_* and JUPYTER_* point into the test's
+temporary folder, so nothing is written into the user's home.
+
+Run it alone with `python -m pytest tests/test_panel_browser.py`."""
+import json, os, secrets, shutil, signal, socket, subprocess, sys, textwrap, time, urllib.request
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMIUM_ARGS = ["--no-sandbox", "--headless", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+START_TIMEOUT_S = 90   # JupyterLab up and answering
+UI_TIMEOUT_MS = 60_000  # any one wait in the page (kernel start, running the notebook, a generation)
+
+# The notebook under test: a tiny random model with two real alignment vectors (random "alignment"), real Knobs,
+# a real judge and real records, and the panel. `RECEIVED` is where the kernel writes what the widgets sent it.
+SETUP = """\
+import copy, json, torch
+from pathlib import Path
+from av_nbdev.data import load_splits
+from av_nbdev.models import TinyConfig, corpus_texts, tiny_llama, train_tokenizer
+from av_nbdev.vectors import AlignmentVector
+from av_nbdev.knobs import Knobs
+from av_nbdev.judge import TfidfJudge
+from av_nbdev.panel import KnobPanel
+torch.set_num_threads(1)
+splits = load_splits()
+tok = train_tokenizer(corpus_texts(splits["train"][:60]))
+base = tiny_llama(tok, TinyConfig(), seed=0).eval()
+def nudged(model, seed, scale=0.05):
+    g, m = torch.Generator().manual_seed(seed), copy.deepcopy(model)
+    with torch.no_grad():
+        for p in m.parameters(): p.add_(torch.randn(p.shape, generator=g) * scale)
+    return m
+avs = {d: AlignmentVector.extract(base, nudged(base, i + 1), domain=d) for i, d in enumerate(["medical", "legal"])}
+knobs = Knobs(base, avs)
+panel = KnobPanel(knobs, tok, queries=splits["test"][:3], judge=TfidfJudge(splits["train"]),
+                  records=splits["test"][:6], max_new_tokens=12)
+"""
+
+RECORD = """\
+RECEIVED = Path(__RECEIVED__)
+def record(event, **kw):
+    seen = json.loads(RECEIVED.read_text()) if RECEIVED.exists() else []
+    RECEIVED.write_text(json.dumps(seen + [{"event": event, "lambdas": knobs.lambdas, **kw}]))
+for name, s in panel.sliders.items():
+    s.observe(lambda ch, name=name: record("slider", name=name, value=ch["new"]), names="value")
+# registered after the panel's own handler, so it runs once the generation is done
+panel.button.on_click(lambda _: record("generate", **panel.last))
+panel
+"""
+
+
+def _missing()->str|None:
+    "Why the test cannot run here, or None."
+    if CHROMIUM is None: return "chromium is not installed (Debian: apt-get install -y chromium)"
+    for mod in ("playwright", "jupyterlab", "ipykernel"):
+        try: __import__(mod)
+        except ImportError: return f"python package {mod} is missing (pip install -e '.[browser]')"
+    return None
+
+
+def _free_port()->int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _private_env(root:Path)->dict:
+    "HOME, XDG_* and JUPYTER_* inside `root`, so neither the lab nor Chromium writes into the user's home."
+    env = {}
+    for var, sub in dict(HOME="home", XDG_CONFIG_HOME="xdg/config", XDG_DATA_HOME="xdg/data",
+                         XDG_CACHE_HOME="xdg/cache", XDG_STATE_HOME="xdg/state", XDG_RUNTIME_DIR="xdg/run",
+                         JUPYTER_CONFIG_DIR="jupyter/config", JUPYTER_DATA_DIR="jupyter/data",
+                         JUPYTER_RUNTIME_DIR="jupyter/run", IPYTHONDIR="ipython", MPLCONFIGDIR="mpl",
+                         JUPYTERLAB_SETTINGS_DIR="lab/settings", JUPYTERLAB_WORKSPACES_DIR="lab/workspaces").items():
+        (root / sub).mkdir(parents=True, exist_ok=True)
+        env[var] = str(root / sub)
+    os.chmod(root / "xdg/run", 0o700)
+    # no "get Jupyter news?" toast over the notebook
+    news = root / "lab/settings/@jupyterlab/apputils-extension/notification.jupyterlab-settings"
+    news.parent.mkdir(parents=True, exist_ok=True)
+    news.write_text(json.dumps({"fetchNews": "false"}))
+    return env
+
+
+def _write_notebook(path:Path, received:Path):
+    import nbformat
+    cells = [nbformat.v4.new_code_cell(SETUP), nbformat.v4.new_code_cell(RECORD.replace("__RECEIVED__", repr(str(received))))]
+    nb = nbformat.v4.new_notebook(cells=cells)
+    nb.metadata["kernelspec"] = dict(name="python3", display_name="Python 3 (ipykernel)", language="python")
+    nbformat.write(nb, path)
+
+
+@pytest.fixture
+def lab(tmp_path, monkeypatch):
+    "A JupyterLab server on 127.0.0.1 serving `tmp_path/nb`; yields (url, token, notebook dir); always killed."
+    if why := _missing(): pytest.skip(why)
+    env = _private_env(tmp_path / "state")
+    for k, v in env.items(): monkeypatch.setenv(k, v)  # Playwright's driver and Chromium inherit these too
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    nb_dir = tmp_path / "nb"; nb_dir.mkdir()
+    port, token = _free_port(), secrets.token_hex(16)
+    cmd = [sys.executable, "-m", "jupyter", "lab", "--no-browser", "--allow-root", "--ServerApp.ip=127.0.0.1",
+           f"--ServerApp.port={port}", "--ServerApp.port_retries=0", f"--IdentityProvider.token={token}",
+           f"--ServerApp.root_dir={nb_dir}", "--LabApp.news_url=None",
+           "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate"]
+    log_path = tmp_path / "lab.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cmd, env=os.environ.copy(), stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)  # its own process group: the kernel goes down with it
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while True:
+            try:
+                urllib.request.urlopen(f"{url}/api/status?token={token}", timeout=2)
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    pytest.fail(f"JupyterLab did not start:\n{log_path.read_text()[-3000:]}")
+                time.sleep(0.3)
+        yield url, token, nb_dir
+    finally:
+        _stop(proc)
+
+
+def _stop(proc):
+    "End the lab's process group (server and kernels): TERM, then KILL after 10 s."
+    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        try: os.killpg(proc.pid, sig)
+        except ProcessLookupError: return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired: pass
+
+
+def _page_report(page, folder:Path)->str:
+    "What the notebook showed (outputs, errors included), and a screenshot beside it, for a failure message."
+    try:
+        page.screenshot(path=str(folder / "failure.png"))
+        outputs = "\n---\n".join(page.locator(".jp-OutputArea-output").all_inner_texts())
+    except Exception as e: outputs = f"(page unreadable: {e})"
+    return f"screenshot: {folder / 'failure.png'}\nnotebook outputs:\n{outputs[-4000:]}"
+
+
+def _wait_for(path:Path, done, timeout_s:float=30)->list:
+    "The kernel's events once `done(events)` holds (its handler may still be writing when the page shows the answer)."
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try: events = json.loads(path.read_text())
+        except (OSError, ValueError): events = []
+        if done(events) or time.monotonic() > deadline: return events
+        time.sleep(0.2)
+
+
+def test_panel_in_jupyterlab(lab, tmp_path):
+    from playwright.sync_api import expect, sync_playwright
+    url, token, nb_dir = lab
+    received = tmp_path / "received.json"
+    _write_notebook(nb_dir / "panel.ipynb", received)
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport=dict(width=1400, height=1000))
+            page.set_default_timeout(UI_TIMEOUT_MS)
+            expect.set_options(timeout=UI_TIMEOUT_MS)
+            page.goto(f"{url}/lab/tree/panel.ipynb?token={token}&reset")
+            expect(page.locator("#jp-main-statusbar")).to_contain_text("Idle")  # kernel started
+            page.get_by_role("menuitem", name="Run", exact=True).click()
+            page.get_by_role("menuitem", name="Run All Cells", exact=True).click()
+
+            sliders = page.locator(".widget-slider")
+            expect(sliders).to_have_count(2)
+            expect(page.locator(".widget-image img, img.widget-image").first).to_be_visible()  # the share chart
+            answer = page.locator(".knob-panel-answer")
+            before = answer.inner_text()
+
+            # legal: keyboard on the handle (End = the maximum, then two steps down)
+            legal = sliders.filter(has_text="legal")
+            handle = legal.locator(".noUi-handle")
+            handle.focus()
+            for key in ("End", "ArrowLeft", "ArrowLeft"): page.keyboard.press(key)
+            expect(legal.locator(".widget-readout")).to_have_text("1.40")
+
+            # medical: drag the handle far past the left end of the track: the value clamps at the minimum
+            medical = sliders.filter(has_text="medical")
+            box = medical.locator(".noUi-handle").bounding_box()
+            track = medical.locator(".noUi-base").bounding_box()
+            y = box["y"] + box["height"] / 2
+            page.mouse.move(box["x"] + box["width"] / 2, y)
+            page.mouse.down()
+            page.mouse.move(track["x"] - 300, y, steps=12)
+            page.mouse.up()
+            expect(medical.locator(".widget-readout")).to_have_text("−1.50")  # d3-format writes a real minus
+
+            page.get_by_role("button", name="Generate").click()
+            status = page.locator(".knob-panel-status")
+            expect(status).to_contain_text("medical=-1.50")
+            expect(status).to_contain_text("legal=+1.40")
+            expect(page.locator(".knob-panel-label")).to_contain_text("judge:")
+            shown, label = answer.inner_text(), page.locator(".knob-panel-label").inner_text()
+            assert shown.strip() and shown != before
+            page.locator(".knob-panel").screenshot(path=str(tmp_path / "panel.png"))  # for a look after the run
+        except Exception as e:
+            raise AssertionError(f"{e}\n{_page_report(page, tmp_path)}") from e
+        finally:
+            browser.close()
+
+    events = _wait_for(received, lambda evs: any(e["event"] == "generate" for e in evs))
+    sliders_seen = {e["name"]: e["value"] for e in events if e["event"] == "slider"}
+    assert sliders_seen == {"medical": -1.5, "legal": pytest.approx(1.4)}
+    gen = [e for e in events if e["event"] == "generate"]
+    assert len(gen) == 1
+    assert gen[0]["lambdas"] == {"medical": -1.5, "legal": pytest.approx(1.4)}
+    assert gen[0]["answer"] in shown and gen[0]["label"] in label  # the page shows what the kernel made
