@@ -134,18 +134,36 @@ def lab(tmp_path, monkeypatch):
                 time.sleep(0.3)
         yield url, token, nb_dir
     finally:
-        _stop(proc)
+        _stop(proc, url, token, Path(env["JUPYTER_RUNTIME_DIR"]))
 
 
-def _stop(proc):
-    "End the lab's process group (server and kernels): TERM, then KILL after 10 s."
-    for sig, wait in ((signal.SIGTERM, 10), (signal.SIGKILL, 5)):
-        try: os.killpg(proc.pid, sig)
-        except ProcessLookupError: return
+def _stop(proc, url:str, token:str, runtime_dir:Path):
+    "Shut the lab down: ask it (it stops its kernels), then TERM/KILL its process group, then any stray kernel."
+    try:
+        req = urllib.request.Request(f"{url}/api/shutdown", method="POST", headers={"Authorization": f"token {token}"})
+        urllib.request.urlopen(req, timeout=5)
+    except OSError: pass
+    for sig, wait in ((None, 15), (signal.SIGTERM, 10), (signal.SIGKILL, 5)):
+        if sig is not None:
+            try: os.killpg(proc.pid, sig)
+            except ProcessLookupError: break
         try:
             proc.wait(wait)
-            return
+            break
         except subprocess.TimeoutExpired: pass
+    for pid in _kernel_pids(runtime_dir):  # kernels run in their own sessions
+        try: os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError: pass
+
+
+def _kernel_pids(runtime_dir:Path)->list[int]:
+    "Processes whose command line names a connection file in `runtime_dir` (this test's kernels only)."
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if str(runtime_dir).encode() in cmdline.read_bytes(): pids.append(int(cmdline.parent.name))
+        except OSError: pass
+    return pids
 
 
 def _page_report(page, folder:Path)->str:
