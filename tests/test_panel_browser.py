@@ -204,9 +204,10 @@ def test_panel_in_jupyterlab(lab, tmp_path):
 
             sliders = page.locator(".widget-slider")
             expect(sliders).to_have_count(2)
-            expect(page.locator(".widget-image img, img.widget-image").first).to_be_visible()  # the share chart
+            chart = page.locator("img.knob-panel-chart")  # the preference-share chart
+            expect(chart).to_be_visible()
             answer = page.locator(".knob-panel-answer")
-            before = answer.inner_text()
+            before, chart_before = answer.inner_text(), chart.get_attribute("src")
 
             # legal: keyboard on the handle (End = the maximum, then two steps down)
             legal = sliders.filter(has_text="legal")
@@ -233,6 +234,7 @@ def test_panel_in_jupyterlab(lab, tmp_path):
             expect(page.locator(".knob-panel-label")).to_contain_text("judge:")
             shown, label = answer.inner_text(), page.locator(".knob-panel-label").inner_text()
             assert shown.strip() and shown != before
+            assert chart.get_attribute("src") != chart_before  # redrawn at the new λs
             page.locator(".knob-panel").screenshot(path=str(tmp_path / "panel.png"))  # for a look after the run
         except Exception as e:
             raise AssertionError(f"{e}\n{_page_report(page, tmp_path)}") from e
