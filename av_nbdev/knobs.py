@@ -113,7 +113,7 @@ class Knobs:
     @property
     def lambdas(self)->dict[str, float]:
         "The current knob values (a copy)."
-        return dict(self._lambdas)
+        return dict(self._lambdas)  # no lock: a dict copy is atomic, and a UI may read this during a generation
 
     def __repr__(self):
         ks = ", ".join(f"{k}={v:g}" for k, v in self._lambdas.items())
