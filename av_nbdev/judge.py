@@ -23,25 +23,29 @@ __all__ = ['JUDGE_LABELS', 'CLASSIFY_PROMPT', 'preference_table', 'preference_sh
            'prompting_baseline', 'cost_summary']
 
 # %% ../nbs/06_judge.ipynb #d6db8d25
-def preference_table(model, # A causal LM (e.g. the base with knobs set)
-                     tokenizer, # Its tokenizer
-                     records:list, # Records in the data schema (e.g. the test split)
-                     batch_size:int=32, # Sequences per forward pass
-                     instruction:str|None=None, # Optional instruction line in every prompt (prompting baseline)
-                    )->pd.DataFrame: # One row per record: id, domain, topic, one score column per level, preferred, margin
-    "Mean per-token log-likelihood of each level's response given the query, per record."
-    if not records: raise AVError("preference_table: no records")
+def _level_scores(model, tokenizer, records:list, batch_size:int, instruction:str|None)->np.ndarray:
+    "(records, levels) array of mean per-token log-likelihoods."
     queries = [r["query"] for r in records for _ in LEVELS]
     responses = [r["responses"][l] for r in records for l in LEVELS]
     instructions = None if instruction is None else [instruction] * len(queries)
     with torch.no_grad():
         lp = response_logprobs(model, tokenizer, queries, responses, instructions=instructions,
                                batch_size=batch_size, reduce="mean")
-    scores = lp.detach().float().cpu().numpy().reshape(len(records), len(LEVELS))
+    return lp.detach().float().cpu().numpy().reshape(len(records), len(LEVELS))
+
+def preference_table(model, # A causal LM (e.g. the base with knobs set)
+                     tokenizer, # Its tokenizer
+                     records:list, # Records in the data schema (e.g. the test split)
+                     batch_size:int=32, # Sequences per forward pass
+                     instruction:str|None=None, # Optional instruction line in every prompt (prompting baseline)
+                     reference=None, # Optional reference model (same tokenizer): score the gain over it instead
+                    )->pd.DataFrame: # id, domain, topic, heldout_topic, one score column per level, preferred, margin
+    "Mean per-token log-likelihood of each level's response given the query, per record (or its gain over `reference`)."
+    if not records: raise AVError("preference_table: no records")
+    scores = _level_scores(model, tokenizer, records, batch_size, instruction)
+    if reference is not None: scores = scores - _level_scores(reference, tokenizer, records, batch_size, instruction)
     df = pd.DataFrame(scores, columns=list(LEVELS))
-    df.insert(0, "id", [r["id"] for r in records])
-    df.insert(1, "domain", [r["domain"] for r in records])
-    df.insert(2, "topic", [r.get("topic") for r in records])
+    for i, k in enumerate(("id", "domain", "topic", "heldout_topic")): df.insert(i, k, [r.get(k) for r in records])
     top2 = np.sort(scores, axis=1)[:, -2:]
     df["preferred"] = [LEVELS[i] for i in scores.argmax(axis=1)]
     df["margin"] = top2[:, 1] - top2[:, 0]
@@ -58,9 +62,10 @@ def preference_accuracy(model, # A causal LM
                         records:list, # Records in the data schema
                         batch_size:int=32, # Sequences per forward pass
                         instruction:str|None=None, # Optional instruction line in every prompt
+                        reference=None, # Optional reference model: prefer by gain over it (see below)
                        )->dict: # {level: share of queries whose preferred level it is}
     "The paper's preference accuracy: per level, the share of queries that prefer it by mean log-likelihood."
-    return preference_shares(preference_table(model, tokenizer, records, batch_size, instruction))
+    return preference_shares(preference_table(model, tokenizer, records, batch_size, instruction, reference))
 
 # %% ../nbs/06_judge.ipynb #4071fdac
 JUDGE_LABELS = LEVELS + ("malformed",)
