@@ -15,7 +15,7 @@ import av_nbdev
 from .core import AVError
 from .tensorio import CheckpointReader, ShardWriter, open_tensors
 from .vectors import (AlignmentVector, base_fingerprint, fingerprint_mismatch, check_finite, as_store_dtype,
-                              describe_source, FORMAT, FORMAT_VERSION, LAMBDA_CONVENTION, _add_stats, _dtype_name, _first)
+                              describe_source, Scratch, FORMAT, FORMAT_VERSION, LAMBDA_CONVENTION, _add_stats, _dtype_name, _first)
 
 # %% auto #0
 __all__ = ['METHODS', 'magnitude_trim', 'random_drop', 'register_method', 'task_arithmetic', 'linear', 'ties', 'dare',
@@ -58,6 +58,11 @@ def _generator(seed:int, key:str, i:int, device)->torch.Generator:
     "A generator seeded by (seed, tensor name, vector index): reproducible and order-independent."
     return torch.Generator(device=device).manual_seed(zlib.crc32(f"{seed}:{key}:{i}".encode()))
 
+def _first_term(t:torch.Tensor, w:float, base:torch.Tensor|None, out:torch.Tensor|None)->torch.Tensor:
+    "[base +] w·t in fp32, into `out` or a fresh tensor: never into a vector's or the base's own tensor."
+    if base is None: return t * w if out is None else torch.mul(t, w, out=out)
+    return torch.add(base, t, alpha=w).float() if out is None else torch.add(base, t, alpha=w, out=out)
+
 def task_arithmetic(fetch:Sequence[Callable], # fetch[i]() -> vector i's tensor for this name, or None (zero)
                     weights:Sequence[float], # λ per vector
                     densities:Sequence[float], # density per vector (used by sparsify)
@@ -66,21 +71,21 @@ def task_arithmetic(fetch:Sequence[Callable], # fetch[i]() -> vector i's tensor 
                     sparsify:Callable|None=None, # magnitude_trim, random_drop or None
                     consensus:bool=False, # TIES sign election
                     base:torch.Tensor|None=None, # If given, return base + Σ (saves a pass when merging)
+                    out:torch.Tensor|None=None, # fp32 tensor of this shape to write the result into (else a fresh one)
                    )->torch.Tensor|None:
-    "[base +] Σ λ_i·sparsify(AV_i) for one tensor, one vector at a time: a fresh fp32 tensor, or None if no vector touches it."
+    "[base +] Σ λ_i·sparsify(AV_i) for one tensor, one vector at a time, in fp32 (into `out`), or None if no vector touches it."
     def prepared(i):
         t = fetch[i]()
         if t is None or weights[i] == 0: return None
         t = t.float()
         return sparsify(t, densities[i], _generator(seed, key, i, t.device)) if sparsify else t
     if not consensus:
-        out = None
+        acc = None
         for i, w in enumerate(weights):
             if (t := prepared(i)) is None: continue
-            # the first term makes a fresh buffer (never write into a vector's or the base's own tensor)
-            if out is None: out = t * w if base is None else torch.add(base, t, alpha=w).float()
-            else: out.add_(t, alpha=w)
-        return out
+            if acc is None: acc = _first_term(t, w, base, out)
+            else: acc.add_(t, alpha=w)
+        return acc
     total = None
     for i, w in enumerate(weights):
         if (t := prepared(i)) is None: continue
@@ -88,32 +93,32 @@ def task_arithmetic(fetch:Sequence[Callable], # fetch[i]() -> vector i's tensor 
         else: total.add_(t, alpha=w)
     if total is None: return None
     elected = torch.where(total >= 0, 1.0, -1.0); del total
-    out = torch.zeros_like(elected)
+    acc = torch.zeros_like(elected) if out is None else out.zero_()
     for i, w in enumerate(weights):
         if (t := prepared(i)) is None: continue
         agrees = (t.sign() * math.copysign(1.0, w)) == elected
-        out.add_(t * agrees, alpha=w)
-    return out if base is None else out.add_(base)
+        acc.add_(t * agrees, alpha=w)
+    return acc if base is None else acc.add_(base)
 
 @register_method("linear")
-def linear(fetch, weights, densities=None, key="", seed=0, base=None):
+def linear(fetch, weights, densities=None, key="", seed=0, base=None, out=None):
     "Σ λ_i·AV_i (task arithmetic)."
-    return task_arithmetic(fetch, weights, densities, key, seed, base=base)
+    return task_arithmetic(fetch, weights, densities, key, seed, base=base, out=out)
 
 @register_method("ties")
-def ties(fetch, weights, densities, key="", seed=0, base=None):
+def ties(fetch, weights, densities, key="", seed=0, base=None, out=None):
     "TIES: trim each AV to its largest entries, elect a sign per entry, sum the agreeing ones (mergekit `ties`, normalize: false)."
-    return task_arithmetic(fetch, weights, densities, key, seed, magnitude_trim, consensus=True, base=base)
+    return task_arithmetic(fetch, weights, densities, key, seed, magnitude_trim, consensus=True, base=base, out=out)
 
 @register_method("dare")
-def dare(fetch, weights, densities, key="", seed=0, base=None):
+def dare(fetch, weights, densities, key="", seed=0, base=None, out=None):
     "DARE: randomly drop entries, rescale, sum (mergekit `dare_linear`)."
-    return task_arithmetic(fetch, weights, densities, key, seed, random_drop, base=base)
+    return task_arithmetic(fetch, weights, densities, key, seed, random_drop, base=base, out=out)
 
 @register_method("dare_ties")
-def dare_ties(fetch, weights, densities, key="", seed=0, base=None):
+def dare_ties(fetch, weights, densities, key="", seed=0, base=None, out=None):
     "DARE sparsification with TIES sign election (mergekit `dare_ties`, normalize: false)."
-    return task_arithmetic(fetch, weights, densities, key, seed, random_drop, consensus=True, base=base)
+    return task_arithmetic(fetch, weights, densities, key, seed, random_drop, consensus=True, base=base, out=out)
 
 # %% ../nbs/04_compose.ipynb #af3b71ae
 def _check_method(method:str, weights:Sequence[float], density, n:int)->list[float]:
@@ -214,18 +219,19 @@ def iter_merged(base:CheckpointReader, # Base checkpoint reader
                 weights:Sequence[float], # λ per vector
                 method:str="linear", densities:Sequence[float]|None=None, seed:int=0,
                 progress:bool=False, # Show a progress bar
+                reuse:bool=False, # Compute into reused buffers: each merged tensor is valid only until the next
                ):
     "Yield `(name, merged tensor in the base's dtype)` for every base tensor, one at a time."
-    densities = densities or [1.0] * len(vectors)
+    densities, scratch = densities or [1.0] * len(vectors), Scratch(reuse)
     for n in tqdm(base.names(), desc="merge", disable=not progress, leave=False):
         b = base.get(n)
         fetch = [(lambda v=v: v[n] if n in v else None) for v in vectors]  # vectors check their own tensors
-        out = METHODS[method](fetch, weights, densities, key=n, seed=seed, base=b)
+        out = METHODS[method](fetch, weights, densities, key=n, seed=seed, base=b, out=scratch.take(b.shape, device=b.device))
         if out is None: check_finite(b, base.where(n), n); yield n, b; continue
         if not math.isfinite(float(out.sum())):  # base + Σ is non-finite iff the base is or the sum overflowed
             check_finite(b, base.where(n), n)
             raise AVError(f"{base.where(n)}: tensor {n!r}: base + λ·vector overflows float32; are the λs sensible?")
-        yield n, out.to(b.dtype)
+        yield n, scratch.cast(out, b.dtype)
 
 # %% ../nbs/04_compose.ipynb #5cb3fba0
 def merge_checkpoint(base_dir:str|Path, # Base checkpoint folder (safetensors, single or sharded)
@@ -253,5 +259,6 @@ def merge_checkpoint(base_dir:str|Path, # Base checkpoint folder (safetensors, s
     with ShardWriter(out_dir, max_shard_size, {"format": "pt", "av_nbdev_merge": json.dumps(recipe)},
                      overwrite=overwrite, n_tensors_hint=len(base)) as w:
         copy_model_files(base_dir, w.tmp)
-        for n, t in iter_merged(base, vs, weights, method, densities, seed, progress): w.add(n, t)
+        # `w.add` has written each tensor out when it returns, so the merge can reuse its output buffers
+        for n, t in iter_merged(base, vs, weights, method, densities, seed, progress, reuse=True): w.add(n, t)
     return Path(out_dir)

@@ -205,7 +205,9 @@ class ShardWriter:
     def add(self, name:str, # Tensor name (unique)
             tensor:torch.Tensor, # Any device; written as is (contiguous, on CPU)
            ):
-        "Append one tensor to the current shard, starting a new shard when this one would pass the size cap."
+        "Append one tensor to the current shard (a new shard when it would pass the size cap); `tensor` may be reused once this returns."
+        # The bytes are in the file (or the file object's own buffer) when `add` returns — `BufferedWriter.write`
+        # lets the caller mutate its argument afterwards — so streaming merges write every tensor from one buffer.
         if name in self.names: raise AVError(f"{self.path}: tensor {name!r} written twice")
         t = tensor.detach().to("cpu").contiguous()
         nbytes = t.numel() * t.element_size()

@@ -16,7 +16,7 @@ from .tensorio import CheckpointReader, StateDictReader, ShardWriter, open_tenso
 
 # %% auto #0
 __all__ = ['N_SAMPLE', 'FORMAT', 'FORMAT_VERSION', 'LAMBDA_CONVENTION', 'STORE_DTYPES', 'describe_source', 'base_fingerprint',
-           'fingerprint_mismatch', 'check_finite', 'iter_deltas', 'as_store_dtype', 'AlignmentVector']
+           'fingerprint_mismatch', 'check_finite', 'Scratch', 'iter_deltas', 'as_store_dtype', 'AlignmentVector']
 
 # %% ../nbs/03_vectors.ipynb #4aea3541
 N_SAMPLE = 16  # values sampled per tensor for the content signature
@@ -101,16 +101,41 @@ def check_finite(t:torch.Tensor, where:str, name:str):
     if t.is_floating_point() and not math.isfinite(float(t.sum())) and not bool(torch.isfinite(t).all()):
         raise AVError(f"{where}: tensor {name!r} contains NaN or Inf")
 
+class Scratch:
+    "Output tensors for a loop over a model's tensors: with `reuse`, views of one buffer per dtype and device."
+    def __init__(self, reuse:bool=True, # False: every `take` is a fresh tensor
+                ):
+        self.reuse, self.bufs = reuse, {}
+
+    def take(self, shape, dtype:torch.dtype=torch.float32, device="cpu")->torch.Tensor:
+        "An uninitialised tensor; with `reuse` it shares memory with every earlier `take` of this dtype and device."
+        if not self.reuse: return torch.empty(shape, dtype=dtype, device=device)
+        n, key = math.prod(shape), (dtype, torch.device(device))
+        if key not in self.bufs or self.bufs[key].numel() < n:  # grow to the largest tensor so far
+            self.bufs[key] = torch.empty(n, dtype=dtype, device=device)
+        return self.bufs[key][:n].view(shape)
+
+    def cast(self, t:torch.Tensor, dtype:torch.dtype)->torch.Tensor:
+        "`t` in `dtype`: `t` itself if it already is, else a taken tensor holding the conversion."
+        return t if t.dtype == dtype else self.take(t.shape, dtype, t.device).copy_(t)
+
+def _difference(ta:torch.Tensor, tb:torch.Tensor, scratch:Scratch)->torch.Tensor:
+    "ta − tb in fp32, computed into a tensor taken from `scratch`."
+    d = scratch.take(ta.shape, torch.float32, ta.device)
+    if ta.dtype == torch.float32: return torch.sub(ta, tb, out=d)
+    return d.copy_(ta).sub_(tb)  # (bf16 − bf16 with an fp32 `out` would subtract in bf16)
+
 def iter_deltas(base, # Base: HF folder, safetensors file, model or reader
                 aligned, # Aligned: same kinds
                 progress:bool=False, # Show a tqdm bar
+                reuse:bool=False, # Compute into one reused buffer: each difference is valid only until the next
                ):
     "Yield `(name, aligned − base in fp32 on CPU or None if identical, its L2 norm)`, one tensor pair at a time."
     b, a = open_tensors(base), open_tensors(aligned)
-    names = _check_pair(b, a)
+    names, scratch = _check_pair(b, a), Scratch(reuse)
     for n in tqdm(names, desc="extract", disable=not progress, leave=False):
         tb, ta = b.get(n), a.get(n)
-        d = ta.float() - tb.float()
+        d = _difference(ta, tb, scratch)
         norm = float(torch.linalg.vector_norm(d))  # one pass: the norm, "identical?" and "finite?" at once
         if not math.isfinite(norm):
             check_finite(tb, b.where(n), n); check_finite(ta, a.where(n), n)
@@ -221,9 +246,10 @@ class AlignmentVector:
         m = _new_meta(base, aligned, dtype, base_fingerprint(base), meta)
         with ShardWriter(path, max_shard_size, _encode(m), prefix=Path(path).name.removesuffix(".safetensors"),
                          single_file=True, overwrite=overwrite, n_tensors_hint=len(open_tensors(base))) as w:
-            for n, d, norm in iter_deltas(base, aligned, progress):
+            out = Scratch()  # `w.add` has written each tensor out when it returns, so buffers can be reused
+            for n, d, norm in iter_deltas(base, aligned, progress, reuse=True):
                 if d is None: omitted.append(n); continue
-                w.add(n, d.to(dtype)); norms[n], numels[n] = norm, d.numel()
+                w.add(n, out.cast(d, dtype)); norms[n], numels[n] = norm, d.numel()
             return w.close(_encode(_add_stats(m, norms, numels, omitted)))
 
     def save(self, path:str|Path, # Output .safetensors file (a folder of shards if larger than max_shard_size)
