@@ -68,9 +68,10 @@ def add_merge(sub):
     p.add_argument("base", help="base checkpoint folder (the one the vectors were extracted from)")
     p.add_argument("--av", action="append", required=True, metavar="FILE=λ",
                    help="a vector file and its weight λ (0 = base, 1 = aligned, <0 or >1 extrapolate); repeat for several")
-    p.add_argument("--method", choices=["linear", "ties", "dare"], default="linear",
-                   help="linear: base + Σλ·AV (default); ties: trim to DENSITY, elect signs, disjoint mean; "
-                        "dare: random drop to DENSITY and rescale (mergekit's semantics)")
+    p.add_argument("--method", choices=["linear", "ties", "dare", "dare_ties"], default="linear",
+                   help="linear: base + Σλ·AV (default); ties: trim to DENSITY, elect signs, sum the agreeing "
+                        "entries (no normalisation); dare: random drop to DENSITY, rescale to the L1 norm; dare_ties: both "
+                        "(mergekit 0.1.5's semantics; DENSITY defaults to 1, i.e. no trimming)")
     p.add_argument("--density", type=float, default=None, help="share of each vector kept by ties / dare (0 < d ≤ 1)")
     p.add_argument("--seed", type=int, default=0, help="random seed for dare")
     p.add_argument("-o", "--output", required=True, help="output checkpoint folder")
