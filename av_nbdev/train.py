@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_train.ipynb #87816a85
 from __future__ import annotations
-import contextlib, hashlib, json, math, time
+import contextlib, json, math, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import AVError, atomic_path, set_seed
+from .core import AVError, atomic_path, set_seed, short_hash
 from .data import DOMAINS, LEVELS, format_prompt, dpo_pairs, sft_examples, load_splits
 from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model,
                              cache_dir)
@@ -21,8 +21,8 @@ from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save
 # %% auto #0
 __all__ = ['PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts', 'sequence_logprobs', 'response_logprobs',
            'SFTConfig', 'train_loop', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo',
-           'reward_accuracy', 'base_preference', 'build_pairs', 'answer_problem', 'well_formed', 'tiny_pipeline',
-           'pipeline_metrics']
+           'reward_accuracy', 'base_preference', 'build_pairs', 'answer_problem', 'well_formed', 'records_hash',
+           'tiny_pipeline', 'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
@@ -309,9 +309,8 @@ def base_preference(model, # The base model
                     batch_size:int=32,
                    )->list[str]: # The preferred level per record
     "The level whose response `model` finds most likely (mean per-token log-prob), per record."
-    lp = response_logprobs(model, tokenizer, [r["query"] for r in records for _ in LEVELS],
-                           [r["responses"][l] for r in records for l in LEVELS], batch_size=batch_size)
-    return [LEVELS[i] for i in lp.view(len(records), len(LEVELS)).argmax(1).tolist()]
+    from av_nbdev.judge import preference_table  # the judge owns the definition of preference
+    return preference_table(model, tokenizer, records, batch_size)["preferred"].tolist()
 
 def build_pairs(records:list, # Training records
                 domain:str, # Domain to align
@@ -360,11 +359,9 @@ def well_formed(model, # A causal LM
 PRETRAIN = SFTConfig(steps=100, batch_size=16, lr=3e-3, warmup=10, max_length=128)
 SFT = SFTConfig(steps=300, batch_size=16, lr=3e-3, warmup=20)
 
-def _hash(*parts)->str:
-    "Short stable hash of JSON-able parts."
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-def _records_hash(records:list)->str: return _hash([json.dumps(r, sort_keys=True) for r in records])
+def records_hash(records:list)->str:
+    "Short hash of records' full content (keys caches on the data)."
+    return short_hash([json.dumps(r, sort_keys=True) for r in records])
 
 def _write_json(path:Path, obj):
     with atomic_path(path, overwrite=True) as tmp: tmp.write_text(json.dumps(obj, indent=1))
@@ -392,7 +389,7 @@ def _cached(out:Path, # The stage's checkpoint folder
 
 # %% ../nbs/02_train.ipynb #6ee7f074
 def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress)->Path:
-    key = _hash("pretrain", _records_hash(data["train"]), seed, vocab_size, asdict(model_cfg), asdict(cfg))
+    key = short_hash("pretrain", records_hash(data["train"]), seed, vocab_size, asdict(model_cfg), asdict(cfg))
     def build(out):
         tok = train_tokenizer(corpus_texts(data["train"]), vocab_size=vocab_size)
         model = tiny_llama(tok, model_cfg, seed=seed)
@@ -401,7 +398,7 @@ def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress)->Pat
     return _cached(root/f"pretrain-{key}", build)
 
 def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress)->Path:
-    key = _hash("sft", parent.name, _records_hash(data["train"]), seed, instruct_share, asdict(cfg))
+    key = short_hash("sft", parent.name, records_hash(data["train"]), seed, instruct_share, asdict(cfg))
     def build(out):
         model, tok = load_model(parent)
         examples = sft_examples(data["train"], instruct_share=instruct_share, seed=seed)
@@ -410,7 +407,7 @@ def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress)->Pa
     return _cached(root/f"base-{key}", build)
 
 def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, cfg, n_wellformed, progress)->Path:
-    key = _hash("dpo", base_dir.name, _records_hash(data["train"]), _records_hash(data["test"]), domain, level,
+    key = short_hash("dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), domain, level,
                 anchor, n_wellformed, asdict(cfg))
     def build(out):
         reference, tok = load_model(base_dir)
