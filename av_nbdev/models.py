@@ -167,7 +167,5 @@ def smollm2_dir(cache:str|Path|None=None, # Cache folder; default `cache_dir()`
                 max_shard_size:str="200MB", # Shard size of the converted checkpoint
                )->Path: # HF folder with fp32 SmolLM2-135M-Instruct
     "Convert the SmolLM2 GGUF once into an fp32 HF folder in the cache and return its path."
-    out = Path(cache or cache_dir())/"smollm2-135m-instruct-fp32"
-    if (out/"config.json").is_file(): return out  # atomic_dir: a folder that exists is complete
-    model, tok = load_model(smollm2_path())
-    return save_checkpoint(model, tok, out, max_shard_size=max_shard_size)
+    from av_nbdev.real import gguf_dir, SMOLLM2_DIR  # the one GGUF conversion (locked, cached); real.py builds on this module
+    return gguf_dir(smollm2_path(), cache, SMOLLM2_DIR, max_shard_size)

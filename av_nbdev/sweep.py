@@ -104,19 +104,22 @@ def lambda_sweep(knobs, # `Knobs` over the model
 def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
                      level:str="expert", # The level each vector was trained to prefer
                      metric:str="preference", # "preference" (likelihood) or "judged" (greedy answers, judge labels)
+                     min_well_formed:float=0.8, # The best λ must keep this well-formed share (where it was measured)
                     )->pd.DataFrame: # One row per knob
     "Per knob, on its own domain: Spearman(λ, share of `level`), best λ, share and well-formed share there."
     rows = []
     for k, g in sweep.groupby("knob", sort=False):
         own = g[(g.domain == k) & (g.metric == metric) & (g.level == level)].sort_values("lam")
         if own.empty: continue
-        best = own.loc[own.share.idxmax()]
-        wf = g[(g.domain == k) & (g.metric == "judged") & (g.lam == best.lam)].well_formed
+        wf = g[(g.domain == k) & (g.metric == "judged")].groupby("lam").well_formed.first().reindex(own.lam)
+        usable = own[(wf.values >= min_well_formed) | wf.isna().values]  # unmeasured λs are not ruled out
+        best = (usable if len(usable) else own).loc[lambda d: d.share.idxmax()]
         rows.append({"knob": k, "metric": metric, "level": level,
                      "spearman": float(own.lam.corr(own.share, method="spearman")),
                      "best_lam": float(best.lam), "share_at_best": float(best.share),
                      "share_at_0": float(own[own.lam == 0].share.iloc[0]) if (own.lam == 0).any() else np.nan,
-                     "well_formed_at_best": float(wf.iloc[0]) if len(wf) else np.nan})
+                     "well_formed_at_best": float(wf.loc[best.lam]) if best.lam in wf.index else np.nan,
+                     "best_lam_any": float(own.loc[own.share.idxmax()].lam)})
     return pd.DataFrame(rows)
 
 # %% ../nbs/07_sweep.ipynb #f41a7317

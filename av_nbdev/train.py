@@ -22,7 +22,7 @@ from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save
 __all__ = ['PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts', 'sequence_logprobs', 'response_logprobs',
            'SFTConfig', 'train_loop', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo',
            'reward_accuracy', 'base_preference', 'build_pairs', 'answer_problem', 'well_formed', 'records_hash',
-           'tiny_pipeline', 'pipeline_metrics']
+           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
@@ -67,12 +67,16 @@ def encode(tokenizer, # The model's tokenizer
           )->dict: # input_ids, attention_mask, response_mask (1 on response tokens), all (batch, length)
     "Tokenize prompt + response pairs into a right-padded batch with a mask over the response tokens."
     if len(queries) != len(responses): raise AVError(f"encode: {len(queries)} queries but {len(responses)} responses")
+    return _pad(_pair_rows(tokenizer, queries, responses, instructions, max_length), _pad_id(tokenizer))
+
+def _pair_rows(tokenizer, queries:list, responses:list, instructions:list|None, max_length:int)->list:
+    "(token ids, response mask) of each prompt + response, cut at `max_length`."
     instructions = instructions or [None] * len(queries)
     rows = []
     for q, r, ins in zip(queries, responses, instructions):
         p, a = _ids(tokenizer, prompt_text(tokenizer, q, ins)), _ids(tokenizer, response_text(tokenizer, r))
         rows.append(((p + a)[:max_length], ([0] * len(p) + [1] * len(a))[:max_length]))
-    return _pad(rows, _pad_id(tokenizer))
+    return rows
 
 def encode_texts(tokenizer, # The model's tokenizer
                  texts:list, # Raw documents
@@ -109,18 +113,19 @@ def response_logprobs(model, # A causal LM
                      )->torch.Tensor: # 1-D float tensor on the CPU, one value per response
     "Log-likelihood of each response given its prompt (no gradients; the model's mode is restored)."
     if reduce not in ("mean", "sum"): raise AVError(f"reduce={reduce!r}: must be 'mean' or 'sum'")
-    instructions = instructions or [None] * len(queries)
-    out, was_training = [], model.training
+    if len(queries) != len(responses): raise AVError(f"response_logprobs: {len(queries)} queries but {len(responses)} responses")
+    rows = _pair_rows(tokenizer, queries, responses, instructions, 512)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: little padding
+    out, was_training = torch.zeros(len(rows)), model.training
     model.eval()
     try:
         with torch.no_grad():
-            for i in range(0, len(queries), batch_size):
-                sl = slice(i, i + batch_size)
-                s, n = sequence_logprobs(model, _to(encode(tokenizer, queries[sl], responses[sl], instructions[sl]),
-                                                   _device(model)))
-                out.append((s / n.clamp(min=1) if reduce == "mean" else s).cpu())
+            for i in range(0, len(order), batch_size):
+                idx = order[i:i + batch_size]
+                s, n = sequence_logprobs(model, _to(_pad([rows[j] for j in idx], _pad_id(tokenizer)), _device(model)))
+                out[idx] = (s / n.clamp(min=1) if reduce == "mean" else s).float().cpu()
     finally: model.train(was_training)
-    return torch.cat(out) if out else torch.zeros(0)
+    return out
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -238,10 +243,10 @@ def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), summed over tokens,
 class DPOConfig:
     "Settings of a DPO run."
     beta:float = 0.1 # Strength of the pull towards the reference
-    steps:int = 40 # Upper bound on optimiser steps
+    steps:int = 160 # Upper bound on optimiser steps (~1.4 epochs of one domain's 900 pairs)
     batch_size:int = 8 # Pairs per optimiser step
     grad_accum:int = 1 # Micro-batches per step
-    lr:float = 2e-4 # Peak learning rate
+    lr:float = 3e-4 # Peak learning rate
     warmup:int = 5
     min_lr_ratio:float = 1.0 # Constant after warmup
     weight_decay:float = 0.0
@@ -318,7 +323,7 @@ def build_pairs(records:list, # Training records
                 anchor:bool=False, # Add anchoring pairs from the other domains?
                 base=None, # Base model (needed with `anchor`)
                 tokenizer=None, # Its tokenizer (needed with `anchor`)
-                anchor_share:float=0.5, # Anchoring pairs as a share of the domain's pairs
+                anchor_share:float=0.15, # Anchoring pairs as a share of the domain's pairs
                 seed:int=0, # Which other-domain records become anchors
                )->list[dict]: # DPO pairs; anchors have "anchor": True
     "DPO pairs for (domain, level), optionally mixed with anchoring pairs that keep the base's preference elsewhere."
@@ -327,10 +332,10 @@ def build_pairs(records:list, # Training records
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
     others = [r for r in records if r["domain"] != domain]
     g = torch.Generator().manual_seed(seed)
-    n = min(len(others), round(anchor_share * len(pairs) / (len(LEVELS) - 1)))
+    n = min(len(others), round(anchor_share * len(pairs)))
     others = [others[i] for i in torch.randperm(len(others), generator=g)[:n].tolist()]
     anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
-               for p in dpo_pairs([r], r["domain"], pref)]
+               for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors
 
 # %% ../nbs/02_train.ipynb #054d7b5b
@@ -406,42 +411,70 @@ def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress)->Pa
         return save_checkpoint(model, tok, out)
     return _cached(root/f"base-{key}", build)
 
-def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, cfg, n_wellformed, progress)->Path:
+def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
+    "The DPO stage's folder, named by a hash of everything that determines it."
     key = short_hash("dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), domain, level,
-                anchor, n_wellformed, asdict(cfg))
+                     anchor and anchor_share, n_wellformed, asdict(cfg))
+    return root/f"dpo-{domain}-{level}-{key}"
+
+def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress)->Path:
+    if isinstance(cfg, dict): cfg = DPOConfig(**cfg)  # sent to a worker process as a dict (the class may be a notebook's)
     def build(out):
         reference, tok = load_model(base_dir)
         policy, _ = load_model(base_dir)
-        pairs = build_pairs(data["train"], domain, level, anchor=anchor, base=reference, tokenizer=tok, seed=cfg.seed)
+        pairs = build_pairs(data["train"], domain, level, anchor=anchor, base=reference, tokenizer=tok,
+                            anchor_share=anchor_share, seed=cfg.seed)
         log = dpo(policy, reference, tok, pairs, cfg, progress=progress)
         held = reward_accuracy(policy, reference, tok, dpo_pairs(data["test"], domain, level), beta=cfg.beta)
         answers = well_formed(policy, tok, [r["query"] for r in data["test"] if r["domain"] == domain][:n_wellformed])
-        metrics = {"domain": domain, "level": level, "anchor": anchor, "steps": len(log),
+        metrics = {"domain": domain, "level": level, "anchor": anchor, "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
                    "heldout_reward_accuracy": held["reward_accuracy"], "heldout_margin": held["margin"],
                    "well_formed": float(answers.problem.isna().mean()), "well_formed_n": len(answers)}
         _write_csv(root/f"{out.name}.log.csv", log)
         _write_json(root/f"{out.name}.metrics.json", metrics)
         return save_checkpoint(policy, tok, out)
-    return _cached(root/f"dpo-{domain}-{level}-{key}", build)
+    return _cached(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build)
 
 # %% ../nbs/02_train.ipynb #28ebe304
-def tiny_pipeline(out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
-                  domains:tuple=DOMAINS, # One DPO model per domain
-                  level:str="expert", # The preferred level for DPO
-                  seed:int=0, # Seeds every stage
-                  vocab_size:int=1024, # Tokenizer vocabulary
-                  model_cfg:TinyConfig|None=None, # Model shape; default `TinyConfig()`
-                  pretrain_cfg:SFTConfig|None=None, # Default `PRETRAIN`
-                  sft_cfg:SFTConfig|None=None, # Default `SFT`
-                  dpo_cfg:DPOConfig|None=None, # Default `DPOConfig()`
-                  instruct_share:float=0.3, # Share of instruction-tagged SFT examples
-                  anchor:bool=False, # Anchoring pairs from the other domains in DPO
-                  data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
-                  n_wellformed:int=30, # Held-out queries answered greedily per domain for the well-formed check
-                  progress:bool=True, # tqdm bars
-                 )->dict: # {"pretrain": dir, "base": dir, <domain>: dir, ...}
-    "Train (or reuse from the cache) tokenizer → pretrain → SFT base → one DPO model per domain."
+def _one_thread(): torch.set_num_threads(1)  # tiny matrices: one thread per process is fastest
+
+def _run_jobs(fn, # A module-level function (pickled by name into the workers)
+              jobs:list, # Argument tuples, one per call
+              workers:int, # Processes; 1 runs the calls here, one after the other
+              desc:str="jobs", # Progress bar label
+              progress:bool=True,
+             )->list: # fn's results, in job order
+    "Call `fn(*job)` for every job, in parallel single-threaded processes when `workers` > 1."
+    if workers <= 1 or len(jobs) <= 1: return [fn(*j) for j in jobs]
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from av_nbdev.train import _one_thread as init  # the package's function: workers import it by name
+    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=init) as ex:
+        futures = {ex.submit(fn, *j): i for i, j in enumerate(jobs)}
+        out = [None] * len(jobs)
+        for f in tqdm(as_completed(futures), total=len(jobs), desc=desc, disable=not progress, leave=False):
+            out[futures[f]] = f.result()
+    return out
+
+def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: plain (False) and/or anchored (True)
+                   out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
+                   domains:tuple=DOMAINS, # One DPO model per domain
+                   level:str="expert", # The preferred level for DPO
+                   seed:int=0, # Seeds every stage
+                   vocab_size:int=1024, # Tokenizer vocabulary
+                   model_cfg:TinyConfig|None=None, # Model shape; default `TinyConfig()`
+                   pretrain_cfg:SFTConfig|None=None, # Default `PRETRAIN`
+                   sft_cfg:SFTConfig|None=None, # Default `SFT`
+                   dpo_cfg:DPOConfig|None=None, # Default `DPOConfig()`
+                   instruct_share:float=0.3, # Share of instruction-tagged SFT examples
+                   anchor_share:float=0.15, # Anchoring pairs as a share of the domain's pairs (anchored runs)
+                   data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
+                   n_wellformed:int=30, # Held-out queries answered greedily per domain for the well-formed check
+                   workers:int=1, # Processes for the DPO stages (in a script, >1 needs `if __name__ == "__main__":`)
+                   progress:bool=True, # tqdm bars
+                  )->dict: # {anchor: {"pretrain": dir, "base": dir, <domain>: dir, ...}}
+    "Train (or reuse from the cache) tokenizer → pretrain → SFT base → DPO models per domain, for each anchoring choice."
     import av_nbdev
     data = load_splits(data_dir)
     seed_cfg = lambda c: c if c.seed == seed else type(c)(**{**asdict(c), "seed": seed})
@@ -449,14 +482,28 @@ def tiny_pipeline(out_dir:str|Path|None=None, # Cache folder; default `cache_dir
     pretrain_cfg, sft_cfg = seed_cfg(pretrain_cfg or PRETRAIN), seed_cfg(sft_cfg or SFT)
     root = Path(out_dir) if out_dir is not None else cache_dir()/"tiny"
     root = root/f"v{av_nbdev.__version__}"
-    paths = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress)}
-    paths["base"] = _stage_sft(root, paths["pretrain"], data, seed, instruct_share, sft_cfg, progress)
-    for d in domains:
-        paths[d] = _stage_dpo(root, paths["base"], data, d, level, anchor, dpo_cfg, n_wellformed, progress)
-    return paths
+    shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress)}
+    shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress)
+    jobs = [(root, shared["base"], data, d, level, a, anchor_share, dpo_cfg, n_wellformed) for a in anchors for d in domains]
+    todo = [j for j in jobs if not (_dpo_dir(*j)/"config.json").exists()]
+    if workers > 1 and len(todo) > 1:
+        from av_nbdev.train import _stage_dpo as stage  # the package's function: workers import it by name
+        _run_jobs(stage, [(*j[:7], asdict(j[7]), j[8], False) for j in todo], workers, "dpo stages", progress)
+    dirs = [_stage_dpo(*j, progress) for j in jobs]  # trained above, or here one after the other
+    out = {a: dict(shared) for a in anchors}
+    for j, p in zip(jobs, dirs): out[j[5]][j[3]] = p
+    return out
+
+def tiny_pipeline(out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
+                  anchor:bool=False, # Anchoring pairs from the other domains in DPO
+                  **kwargs, # Everything else `tiny_pipelines` takes (domains, level, seed, configs, workers, ...)
+                 )->dict: # {"pretrain": dir, "base": dir, <domain>: dir, ...}
+    "Train (or reuse from the cache) tokenizer → pretrain → SFT base → one DPO model per domain."
+    return tiny_pipelines((anchor,), out_dir, **kwargs)[anchor]
 
 def pipeline_metrics(paths:dict, # From `tiny_pipeline`
                     )->pd.DataFrame: # One row per DPO model
     "The held-out metrics saved beside each DPO checkpoint of a `tiny_pipeline` run."
     return pd.DataFrame([json.loads((p.parent/f"{p.name}.metrics.json").read_text())
                          for k, p in paths.items() if k not in ("pretrain", "base")])
+

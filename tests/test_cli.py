@@ -229,3 +229,10 @@ def test_existing_output_needs_overwrite(ck, tmp_path):
     assert listing(od) == ["mine.txt"]
     assert av("merge", ck/"base", "--av", f"{out}=1", "-o", od, "--overwrite").returncode == 0
     assert (od/"config.json").exists() and not (od/"mine.txt").exists()
+
+
+def test_demo_refuses_a_model_it_cannot_use(tmp_path):
+    "A bad --model is refused in one line before the report folder is created."
+    for model, named in ((tmp_path/"none.gguf", "none.gguf"), (tmp_path, "config.json")):
+        assert_refused(av("demo", "--model", model, "--out", tmp_path/"report"), named)
+        assert not (tmp_path/"report").exists()
