@@ -375,10 +375,10 @@ def summary_text(report:dict, out:Path)->str:
     md = report["multidomain"]
     lines = [f"av demo: report in {out}/report.md ({report.get('seconds', 0):.0f} s)",
              f"  judge accuracy on held-out responses: {report['judge_accuracy']:.3f}"]
-    lines += [f"  {r['vectors']:8s} {r['knob']:9s} {r['metric']:10s} expert {r['share_at_0']:.2f} at λ=0 → {r['share_at_best']:.2f} at "
-              f"λ={r['best_lam']:+.2f}; Spearman {r['spearman']:.2f}; well-formed {_num(r['well_formed_at_best'])}"
+    lines += [f"  {r['vectors']:8s} {r['knob']:9s} {r['metric']:10s} expert {_num(r['share_at_0'])} at λ=0 → {_num(r['share_at_best'])} at "
+              f"λ={r['best_lam']:+.2f}; Spearman {_num(r['spearman'])}; well-formed {_num(r['well_formed_at_best'])}"
               for r in report["spectrum"]]
-    lines += [f"  leakage ratio ({n}): " + ", ".join(f"{k} {v:.2f}" for k, v in l["ratio"].items())
+    lines += [f"  leakage ratio ({n}): " + ", ".join(f"{k} {_num(v)}" for k, v in l["ratio"].items())
               for n, l in report["leakage"].items()]
     lines += [f"  multidomain ({md['vectors']} vectors): grid {md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; "
               f"surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]

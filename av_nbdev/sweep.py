@@ -112,7 +112,7 @@ def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several k
         own = g[(g.domain == k) & (g.metric == metric) & (g.level == level)].sort_values("lam")
         if own.empty: continue
         wf = g[(g.domain == k) & (g.metric == "judged")].groupby("lam").well_formed.first().reindex(own.lam)
-        usable = own[(wf.values >= min_well_formed) | wf.isna().values]  # unmeasured λs are not ruled out
+        usable = own[(wf.isna() | (wf >= min_well_formed)).values]  # unmeasured λs are not ruled out
         best = (usable if len(usable) else own).loc[lambda d: d.share.idxmax()]
         rows.append({"knob": k, "metric": metric, "level": level,
                      "spearman": float(own.lam.corr(own.share, method="spearman")),
