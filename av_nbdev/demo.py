@@ -36,7 +36,8 @@ class DemoConfig:
     "Sizes of the demo run (defaults: the tiny model, a few minutes on 2 cores once the models are trained)."
     seed:int = 0 # Seeds sampling, training and DARE
     per_domain:int = 30 # Held-out records per domain in sweeps and searches
-    grid:tuple = tuple(np.round(np.arange(-1.5, 3.01, 0.5), 2)) # λ grid of the sweeps (extrapolates past 1)
+    grid:tuple = (-1.5, -1.0, -0.5, 0.0, 0.5, 1.0, 1.25, 1.5, 1.75, 2.0, 2.5, 3.0) # λ grid of the sweeps: finer where
+                    # the answers turn (1…2), and past 1 (extrapolation)
     n_generate:int = 8 # Greedy answers per domain and λ for judged shares and well-formedness
     md_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values per knob of the paper's grid search (4³ = 64 evaluations)
     probes:tuple = (1.0, 2.0, 3.0) # λ values per knob probed by the cheaper search
