@@ -260,7 +260,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
             raise AVError(f"model {model}: anchored vectors and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
         real_base = base_dir(model)
     out = prepare_out(out, fresh)
-    set_seed(cfg.seed); torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
+    set_seed(cfg.seed)
+    if model is None: torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
     from av_nbdev.models import cache_dir
