@@ -15,7 +15,7 @@ import torch
 import matplotlib.pyplot as plt
 
 import av_nbdev
-from .core import AVError, atomic_path, set_seed, short_hash
+from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits
 from .models import load_model
 from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig, _run_jobs
@@ -102,13 +102,12 @@ def real_stage(base:Path, cfg:DemoConfig, progress:bool)->dict:
     return {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress)}
 
 def copy_checkpoints(out:Path, paths:dict)->dict:
-    "Copy the checkpoints into `out/checkpoints/<kind>/<folder>` (once, atomically): the report folder stands alone."
-    from av_nbdev.core import atomic_dir
+    "Copy the checkpoints into `out/checkpoints/<folder>` (once each, atomically): the report folder stands alone."
     copied = {}
     for kind, p in paths.items():
         copied[kind] = {}
         for stage, src in p.items():
-            dst = out/"checkpoints"/kind/src.name  # the name carries the stage's settings hash
+            dst = out/"checkpoints"/src.name  # the name carries the stage's settings hash: kinds share the base
             if not dst.exists():
                 with atomic_dir(dst) as tmp: shutil.copytree(src, tmp, dirs_exist_ok=True)
             copied[kind][stage] = dst
