@@ -143,11 +143,12 @@ def sweep_stage(base:Path, # Checkpoint the knobs act on
                 grid:tuple|None=None, # λ values; default `cfg.grid`
                 transfer:bool=False, # `base` is another checkpoint than the vectors' base
                )->list: # `lambda_sweep` rows of every knob
-    "Every knob over the λ grid on all domains' sampled queries."
+    "Every knob over the λ grid on its domain's sampled queries, and on all domains' where leakage is read."
     cfg = _config(cfg)
     knobs, tok = _knobs(base, vectors, transfer)
     judge = TfidfJudge(load_splits()["train"]) if judged else None
-    return _records(pd.concat([lambda_sweep(knobs, tok, sample, k, grid=grid or cfg.grid, judge=judge,
+    cross = () if transfer else (0.0, *cfg.leak_lams)  # transfer reports each vector on its own domain only
+    return _records(pd.concat([lambda_sweep(knobs, tok, sample, k, grid=grid or cfg.grid, judge=judge, cross_lams=cross,
                                             n_generate=cfg.n_generate if judged else 0) for k in vectors], ignore_index=True))
 
 def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve, verify)

@@ -81,21 +81,23 @@ def lambda_sweep(knobs, # `Knobs` over the model
                  judge=None, # Optional judge for generated answers
                  n_generate:int=0, # Greedy answers per domain and λ (0: preference only)
                  max_new_tokens:int=96, # Answer length bound
+                 cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
                  progress:bool=False, # tqdm bar over the grid
                 )->pd.DataFrame: # knob, lam, domain, metric, level, share, well_formed, margin
     "Move one knob over `grid`; tidy rows of level shares per λ and evaluated domain."
     from tqdm.auto import tqdm
-    rows = []
+    own, rows = [r for r in records if r["domain"] == knob], []
     for lam in tqdm(grid, desc=f"sweep {knob}", disable=not progress, leave=False):
-        at = []
+        every = cross_lams is None or not own or bool(np.isclose(lam, cross_lams).any())
+        recs, at = (records if every else own), []
         with knobs.using(**{knob: float(lam)}):
-            t = preference_table(knobs.model, tokenizer, records)
+            t = preference_table(knobs.model, tokenizer, recs)
             for d, g in t.groupby("domain", sort=False):
                 for lvl in LEVELS:
                     at.append({"domain": d, "metric": "preference", "level": lvl,
                                "share": float((g.preferred == lvl).mean()), "well_formed": np.nan,
                                "margin": float((g[lvl] - g[[l for l in LEVELS if l != lvl]].max(axis=1)).mean())})
-            if n_generate: at += _judged_rows(knobs, tokenizer, records, judge, n_generate, max_new_tokens)
+            if n_generate: at += _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)
         rows += [{"knob": knob, "lam": float(lam), **r} for r in at]
     cols = ["knob", "lam", "domain", "metric", "level", "share", "well_formed", "margin"]
     return pd.DataFrame(rows).reindex(columns=cols)

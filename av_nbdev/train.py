@@ -19,10 +19,10 @@ from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save
                              cache_dir)
 
 # %% auto #0
-__all__ = ['PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts', 'sequence_logprobs', 'response_logprobs',
-           'SFTConfig', 'train_loop', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo',
-           'reward_accuracy', 'base_preference', 'build_pairs', 'answer_problem', 'well_formed', 'records_hash',
-           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
+__all__ = ['PACKED_MODEL_TYPES', 'TRAIN_PASS', 'PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts',
+           'sequence_logprobs', 'response_logprob_sums', 'response_logprobs', 'SFTConfig', 'train_loop', 'pretrain',
+           'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'build_pairs',
+           'answer_problem', 'well_formed', 'records_hash', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
@@ -103,6 +103,90 @@ def _device(model): return next(model.parameters()).device
 
 def _to(batch:dict, device)->dict: return {k: v.to(device) for k, v in batch.items()}
 
+# %% ../nbs/02_train.ipynb #s3share02
+PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # logits = lm_head(hidden); 4D masks and position ids honoured
+
+def _shared_rows(tokenizer, queries:list, responses:list, instructions:list|None, max_length:int, max_row:int)->list:
+    "Rows (prompt ids, [(response ids, output index), ...]): a prompt once, then its responses, ≤ `max_row` tokens."
+    instructions = instructions or [None] * len(queries)
+    groups = {}
+    for i, key in enumerate(zip(queries, instructions)): groups.setdefault(key, []).append(i)
+    rows = []
+    for (q, ins), idx in groups.items():
+        p, row = _ids(tokenizer, prompt_text(tokenizer, q, ins))[:max_length], None
+        for i in idx:
+            a = _ids(tokenizer, response_text(tokenizer, responses[i]))[:max_length - len(p)]  # as `encode` cuts
+            if row is None or _row_len(row) + len(a) > max_row: row = (p, []); rows.append(row)
+            row[1].append((a, i))
+    return rows
+
+def _row_len(row)->int: return len(row[0]) + sum(len(a) for a, _ in row[1])
+
+def _pack(rows:list, pad_id:int, dtype=torch.float32)->dict:
+    "Right-padded batch of shared-prompt rows: ids, position ids, 4D mask, and where each response token is predicted."
+    T, B = max(map(_row_len, rows)), len(rows)
+    ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
+    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 prompt, k ≥ 1 the row's k-th response
+    at, target, slot = [], [], []
+    for b, (p, resp) in enumerate(rows):
+        t = len(p)
+        ids[b, :t], pos[b, :t], seg[b, :t] = torch.tensor(p, dtype=torch.long), torch.arange(t), 0
+        for k, (a, i) in enumerate(resp, 1):
+            n = len(a)
+            if n == 0: continue  # cut away entirely by max_length: no tokens, count 0
+            ids[b, t:t + n], pos[b, t:t + n], seg[b, t:t + n] = torch.tensor(a), torch.arange(len(p), len(p) + n), k
+            at += [(b, len(p) - 1)] + [(b, t + j) for j in range(n - 1)]  # a first token follows the prompt's last
+            target += a; slot += [i] * n; t += n
+    q, k = seg[:, :, None], seg[:, None, :]
+    see = ((k == 0) | (k == q)) & (k >= 0) & torch.ones(T, T, dtype=torch.bool).tril()
+    see |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself: no empty softmax row, no NaN
+    mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~see[:, None], torch.finfo(dtype).min)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "at": torch.tensor(at, dtype=torch.long).reshape(-1, 2),
+            "target": torch.tensor(target, dtype=torch.long), "slot": torch.tensor(slot, dtype=torch.long)}
+
+def _packed_sums(model, batch:dict, n:int)->tuple:
+    "(sum of log-probs, token count) per output index from one packed batch; logits only where tokens are predicted."
+    h = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                            position_ids=batch["position_ids"]).last_hidden_state
+    logits = model.get_output_embeddings()(h[batch["at"][:, 0], batch["at"][:, 1]]).float()
+    lp = logits.gather(-1, batch["target"][:, None]).squeeze(-1) - logits.logsumexp(-1)
+    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, batch["slot"], lp)
+    return sums, torch.bincount(batch["slot"], minlength=n).to(sums.dtype)
+
+def _chunks(items:list, size:int|None, weight=lambda x: 1)->list:
+    "Consecutive chunks whose weights add up to about `size` (one chunk when `size` is None)."
+    if size is None: return [items] if items else []
+    out, cur, w = [], [], 0
+    for x in items:
+        cur.append(x); w += weight(x)
+        if w >= size: out.append(cur); cur, w = [], 0
+    return out + ([cur] if cur else [])
+
+def response_logprob_sums(model, # A causal LM
+                          tokenizer, # Its tokenizer
+                          queries:list, # Questions (repeat a question to score several responses to it)
+                          responses:list, # Answers, one per question
+                          instructions:list|None=None, # Optional instruction per question
+                          max_length:int=512, # Prompt + response tokens kept per response
+                          batch_size:int|None=None, # Responses per forward pass (similar lengths together); None: one pass
+                         )->tuple: # (summed log-prob, token count) per response, on the model's device, with gradients
+    "Log-likelihood of each response given its prompt; responses to the same prompt share one pass over it."
+    if len(queries) != len(responses): raise AVError(f"response_logprobs: {len(queries)} queries but {len(responses)} responses")
+    n, dev = len(queries), _device(model)
+    sums, counts = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
+    if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES:
+        rows = sorted(_shared_rows(tokenizer, queries, responses, instructions, max_length, 2 * max_length), key=_row_len)
+        for chunk in _chunks(rows, batch_size, lambda r: len(r[1])):
+            s, c = _packed_sums(model, _to(_pack(chunk, _pad_id(tokenizer), next(model.parameters()).dtype), dev), n)
+            sums, counts = sums + s, counts + c
+        return sums, counts
+    rows = _pair_rows(tokenizer, queries, responses, instructions, max_length)
+    for idx in _chunks(sorted(range(n), key=lambda i: len(rows[i][0])), batch_size):
+        s, c = sequence_logprobs(model, _to(_pad([rows[i] for i in idx], _pad_id(tokenizer)), dev))
+        at = torch.tensor(idx, device=dev)
+        sums, counts = sums.index_add(0, at, s.to(sums.dtype)), counts.index_add(0, at, c.to(counts.dtype))
+    return sums, counts
+
 def response_logprobs(model, # A causal LM
                       tokenizer, # Its tokenizer
                       queries:list, # Questions
@@ -113,19 +197,12 @@ def response_logprobs(model, # A causal LM
                      )->torch.Tensor: # 1-D float tensor on the CPU, one value per response
     "Log-likelihood of each response given its prompt (no gradients; the model's mode is restored)."
     if reduce not in ("mean", "sum"): raise AVError(f"reduce={reduce!r}: must be 'mean' or 'sum'")
-    if len(queries) != len(responses): raise AVError(f"response_logprobs: {len(queries)} queries but {len(responses)} responses")
-    rows = _pair_rows(tokenizer, queries, responses, instructions, 512)
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: little padding
-    out, was_training = torch.zeros(len(rows)), model.training
+    was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for i in range(0, len(order), batch_size):
-                idx = order[i:i + batch_size]
-                s, n = sequence_logprobs(model, _to(_pad([rows[j] for j in idx], _pad_id(tokenizer)), _device(model)))
-                out[idx] = (s / n.clamp(min=1) if reduce == "mean" else s).float().cpu()
+        with torch.no_grad(): s, n = response_logprob_sums(model, tokenizer, queries, responses, instructions, batch_size=batch_size)
     finally: model.train(was_training)
-    return out
+    return (s / n.clamp(min=1) if reduce == "mean" else s).float().cpu()
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -187,14 +264,15 @@ def train_loop(model, # Model to train in place
     return pd.DataFrame(rows)
 
 # %% ../nbs/02_train.ipynb #1e7db808
-def _lm_step(model, encode_fn):
+TRAIN_PASS = 4 # Sequences per forward pass in training: similar lengths together, little padding (fastest here)
+
+def _lm_step(model, sums_fn):
     "A `train_loop` step that backpropagates the token-mean cross-entropy over micro-batches."
     def step(micro:list)->dict:
-        batches = [_to(encode_fn(idx), _device(model)) for idx in micro]
-        total = sum(b["response_mask"][:, 1:].sum() for b in batches).clamp(min=1)
+        parts = [sums_fn(idx) for idx in micro]  # (summed log-probs, token counts) per micro-batch
+        total = sum(c.sum() for _, c in parts).clamp(min=1)
         loss = 0.0
-        for b in batches:
-            s, _ = sequence_logprobs(model, b)
+        for s, _ in parts:
             part = -s.sum() / total
             part.backward(); loss += part.item()
         return {"loss": loss}
@@ -208,8 +286,11 @@ def pretrain(model, # Causal LM, trained in place
             )->pd.DataFrame: # Per-step log: step, lr, loss, seconds
     "Plain causal language modelling on raw text."
     cfg = cfg or SFTConfig()
-    return train_loop(model, cfg, len(texts), _lm_step(model, lambda idx: encode_texts(
-        tokenizer, [texts[i] for i in idx], cfg.max_length)), "pretrain", progress=progress)
+    def sums(idx):
+        parts = [sequence_logprobs(model, _to(encode_texts(tokenizer, [texts[i] for i in c], cfg.max_length), _device(model)))
+                 for c in _chunks(sorted(idx, key=lambda i: len(texts[i])), TRAIN_PASS)]
+        return torch.cat([s for s, _ in parts]), torch.cat([n for _, n in parts])
+    return train_loop(model, cfg, len(texts), _lm_step(model, sums), "pretrain", progress=progress)
 
 def sft(model, # Causal LM, trained in place
         tokenizer, # Its tokenizer
@@ -219,11 +300,11 @@ def sft(model, # Causal LM, trained in place
        )->pd.DataFrame: # Per-step log: step, lr, loss, seconds
     "Supervised fine-tuning on prompt → response, loss on the response tokens only."
     cfg = cfg or SFTConfig()
-    def enc(idx):
+    def sums(idx):
         ex = [examples[i] for i in idx]
-        return encode(tokenizer, [e["query"] for e in ex], [e["response"] for e in ex],
-                      [e.get("instruction") for e in ex], cfg.max_length)
-    return train_loop(model, cfg, len(examples), _lm_step(model, enc), "sft", progress=progress)
+        return response_logprob_sums(model, tokenizer, [e["query"] for e in ex], [e["response"] for e in ex],
+                                     [e.get("instruction") for e in ex], cfg.max_length, batch_size=TRAIN_PASS)
+    return train_loop(model, cfg, len(examples), _lm_step(model, sums), "sft", progress=progress)
 
 # %% ../nbs/02_train.ipynb #35cf3f74
 def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), summed over tokens, (batch,)
@@ -265,11 +346,11 @@ def margin_stop(cfg:DPOConfig):
 
 # %% ../nbs/02_train.ipynb #0fe4b690
 def _pair_logprobs(model, tokenizer, pairs:list, max_length:int)->tuple:
-    "Summed log-probs of (chosen, rejected) for each pair, one forward pass for both."
-    q = [p["query"] for p in pairs]
-    s, _ = sequence_logprobs(model, _to(encode(tokenizer, q + q, [p["chosen"] for p in pairs] +
-                                               [p["rejected"] for p in pairs], max_length=max_length), _device(model)))
-    return s[:len(pairs)], s[len(pairs):]
+    "Summed log-probs of (chosen, rejected) for each pair, each prompt computed once."
+    s, _ = response_logprob_sums(model, tokenizer, [p["query"] for p in pairs for _ in (0, 1)],
+                                 [p[k] for p in pairs for k in ("chosen", "rejected")], max_length=max_length,
+                                 batch_size=TRAIN_PASS)
+    return s[0::2], s[1::2]
 
 def dpo(policy, # Model to align, trained in place (a copy of the reference at the start)
         reference, # Frozen reference model (the SFT base)
@@ -302,9 +383,11 @@ def reward_accuracy(policy, # Aligned model
                     batch_size:int=16,
                    )->dict: # {"reward_accuracy", "margin", "pairs"}
     "Share of `pairs` whose chosen response gets the higher DPO reward, and the mean reward margin."
-    def lp(m, key): return response_logprobs(m, tokenizer, [p["query"] for p in pairs], [p[key] for p in pairs],
-                                             batch_size=batch_size, reduce="sum")
-    margin = beta * ((lp(policy, "chosen") - lp(reference, "chosen")) - (lp(policy, "rejected") - lp(reference, "rejected")))
+    def lp(m): return response_logprobs(m, tokenizer, [p["query"] for p in pairs for _ in (0, 1)],  # chosen, rejected
+                                        [p[k] for p in pairs for k in ("chosen", "rejected")], batch_size=batch_size,
+                                        reduce="sum").reshape(-1, 2)
+    gain = lp(policy) - lp(reference)
+    margin = beta * (gain[:, 0] - gain[:, 1])
     return {"reward_accuracy": (margin > 0).float().mean().item(), "margin": margin.mean().item(), "pairs": len(pairs)}
 
 # %% ../nbs/02_train.ipynb #8a16d245
@@ -439,6 +522,13 @@ def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, c
 # %% ../nbs/02_train.ipynb #28ebe304
 def _one_thread(): torch.set_num_threads(1)  # tiny matrices: one thread per process is fastest
 
+@contextlib.contextmanager
+def _threads(n:int):
+    "Torch uses `n` threads inside the block (the previous number after it)."
+    old = torch.get_num_threads(); torch.set_num_threads(n)
+    try: yield
+    finally: torch.set_num_threads(old)
+
 def _run_jobs(fn, # A module-level function (pickled by name into the workers)
               jobs:list, # Argument tuples, one per call
               workers:int, # Processes; 1 runs the calls here, one after the other
@@ -471,7 +561,7 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
                    anchor_share:float=0.15, # Anchoring pairs as a share of the domain's pairs (anchored runs)
                    data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                    n_wellformed:int=30, # Held-out queries answered greedily per domain for the well-formed check
-                   workers:int=1, # Processes for the DPO stages (in a script, >1 needs `if __name__ == "__main__":`)
+                   workers:int=1, # Processes for the DPO stages, threads for pretrain and SFT (in a script, >1 needs `if __name__ == "__main__":`)
                    progress:bool=True, # tqdm bars
                   )->dict: # {anchor: {"pretrain": dir, "base": dir, <domain>: dir, ...}}
     "Train (or reuse from the cache) tokenizer → pretrain → SFT base → DPO models per domain, for each anchoring choice."
@@ -482,8 +572,9 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
     pretrain_cfg, sft_cfg = seed_cfg(pretrain_cfg or PRETRAIN), seed_cfg(sft_cfg or SFT)
     root = Path(out_dir) if out_dir is not None else cache_dir()/"tiny"
     root = root/f"v{av_nbdev.__version__}"
-    shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress)}
-    shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress)
+    with _threads(max(workers, torch.get_num_threads())):  # the chain runs alone: every worker's core helps it
+        shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress)}
+        shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress)
     jobs = [(root, shared["base"], data, d, level, a, anchor_share, dpo_cfg, n_wellformed) for a in anchors for d in domains]
     todo = [j for j in jobs if not (_dpo_dir(*j)/"config.json").exists()]
     if workers > 1 and len(todo) > 1:
