@@ -13,12 +13,13 @@ import numpy as np
 import pandas as pd
 import torch
 import matplotlib.pyplot as plt
+from tqdm.auto import tqdm
 
 import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits
 from .models import load_model
-from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig, _run_jobs
+from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy, generate_answers, prompting_baseline, cost_summary
@@ -26,9 +27,10 @@ from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summar
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target)
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'stage_key', 'cached_stage', 'prepare_out', 'train_stage', 'real_stage',
-           'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage', 'retrain_targets',
-           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report', 'summary_text']
+__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'stage_key', 'cached_stage', 'prepare_out', 'base_stage', 'vector_file',
+           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
+           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report',
+           'summary_text']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -42,7 +44,7 @@ class DemoConfig:
     md_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values per knob of the paper's grid search (4³ = 64 evaluations)
     probes:tuple = (1.0, 2.0, 3.0) # λ values per knob probed by the cheaper search
     verify:int = 1 # Real evaluations per target in the cheaper search
-    retrain_targets:tuple = ("medical", "legal") # Joint retraining: expert in these domains, avoidance elsewhere
+    retrain_targets:tuple = ("medical",) # Joint retraining: expert in these domains (one per run), avoidance elsewhere
     n_cost:int = 30 # Queries answered per method in the prompting-vs-AV cost table
     cost_lam:float = 1.0 # λ of the vector in the cost table (1: the DPO model itself)
     anchored:bool = True # Also train anchored vectors; they drive the multidomain search (they leak least)
@@ -90,11 +92,25 @@ def prepare_out(out:str|Path, # Report folder
 # %% ../nbs/10_demo.ipynb #072dd487
 def _records(df:pd.DataFrame)->list: return json.loads(df.to_json(orient="records"))
 
-def train_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool)->dict:
-    "Tiny base and one expert DPO model per domain (plain, and anchored when asked), trained or reused in `cache`."
-    pp = tiny_pipelines((False, True) if cfg.anchored else (False,), cache, seed=cfg.seed,
-                        workers=workers, progress=progress)
-    return {("anchored" if a else "plain"): p for a, p in pp.items()}  # all DPO stages in one process pool
+def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool)->dict:
+    "The tiny pretrain-only and SFT base checkpoints, trained (on `workers` threads: nothing else runs yet) or reused in `cache`."
+    return tiny_pipelines((False,), cache, domains=(), seed=cfg.seed, workers=workers, progress=progress)[False]
+
+def vector_file(out:Path, kind:str, domain:str)->Path:
+    "Where the report keeps the vector of `domain` of a kind (plain, anchored): `out/vectors/<domain>-expert[-anchored].safetensors`."
+    return out/"vectors"/f"{domain}-expert{'' if kind == 'plain' else '-' + kind}.safetensors"
+
+def _extract(base:Path, aligned:Path, f:Path, domain:str, kind:str, dtype:str)->Path:
+    "Write the vector aligned − base to `f`, unless `f` already holds the one of this aligned checkpoint."
+    if not f.exists() or AlignmentVector.load(f, lazy=True).meta.get("aligned") != str(aligned):
+        AlignmentVector.extract_to(base, aligned, f, dtype=dtype, overwrite=True, domain=domain, level="expert", training=kind)
+    return f
+
+def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int)->str:
+    "One tiny expert DPO model (plain or anchored), trained or reused in `cache`, and its vector in the report; the model's folder."
+    p = tiny_pipelines((kind == "anchored",), cache, domains=(domain,), seed=seed, progress=False)[kind == "anchored"]
+    _extract(p["base"], p[domain], vector_file(out, kind, domain), domain, kind, "float32")
+    return str(p[domain])
 
 def real_stage(base:Path, cfg:DemoConfig, progress:bool)->dict:
     "One expert DPO model per domain from a real base folder (`real.real_pipeline`), trained or reused."
@@ -114,16 +130,8 @@ def copy_checkpoints(out:Path, paths:dict)->dict:
     return copied
 
 def vector_stage(out:Path, paths:dict, dtype:str="float32")->dict:
-    "Extract each DPO model's alignment vector into `out/vectors/<domain>-expert[-anchored].safetensors` (reused while its source is unchanged)."
-    files = {}
-    for kind, p in paths.items():
-        for d in DOMAINS:
-            f = out/"vectors"/f"{d}-expert{'' if kind == 'plain' else '-' + kind}.safetensors"
-            if not f.exists() or AlignmentVector.load(f, lazy=True).meta.get("aligned") != str(p[d]):
-                AlignmentVector.extract_to(p["base"], p[d], f, dtype=dtype, overwrite=True, domain=d, level="expert",
-                                           training=kind)
-            files[(kind, d)] = f
-    return files
+    "Extract each DPO model's alignment vector into `vector_file(out, kind, domain)` (reused while its source is unchanged)."
+    return {(kind, d): _extract(p["base"], p[d], vector_file(out, kind, d), d, kind, dtype) for kind, p in paths.items() for d in DOMAINS}
 
 # %% ../nbs/10_demo.ipynb #44bc67d9
 def _config(cfg:DemoConfig|dict)->DemoConfig:
@@ -225,22 +233,42 @@ def _timed(fn):
     t0 = time.perf_counter(); res = fn()
     return res, time.perf_counter() - t0
 
-def _job(stages:Path, name:str, key:str, fn_name:str, args:tuple):
-    "Compute and store one stage (`cached_stage`); the stage function is looked up by name, so workers can import it."
+def _job(stages:Path, name:str, key:str|None, fn_name:str, args:tuple):
+    "Compute one stage (stored with `cached_stage`; without a key the function caches itself); looked up by name, so workers can import it."
     import importlib
     fn = getattr(importlib.import_module("av_nbdev.demo"), fn_name)
-    return cached_stage(stages, name, key, lambda: fn(*args))
+    return fn(*args) if key is None else cached_stage(stages, name, key, lambda: fn(*args))
 
 def run_stages(stages:Path, # Where stage results live
-               jobs:dict, # name -> (key, stage function name, argument tuple)
+               jobs:dict, # name -> (names it comes after, f(results so far) -> (key or None, stage function name, args))
                workers:int, # Processes; 1 runs the stages here, one after the other
                progress:bool=True,
-              )->dict: # name -> stored result
-    "Run the stages not stored yet (in parallel when `workers` > 1), then return every stage's stored result."
-    from av_nbdev.demo import _job as job  # the package's function: workers import it by name
-    todo = [(stages, n, k, f, a) for n, (k, f, a) in jobs.items() if not (Path(stages)/f"{n}-{k}.json").exists()]
-    _run_jobs(job, todo, workers, "demo stages", progress)
-    return {n: job(stages, n, k, f, a) for n, (k, f, a) in jobs.items()}
+              )->dict: # name -> result
+    "Run each stage once those it comes after are done: earlier jobs first, in parallel processes when `workers` > 1."
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
+    from av_nbdev.demo import _job as job  # the package's functions: workers import them by name
+    from av_nbdev.train import _one_thread
+    done, todo, running = {}, dict(jobs), {}
+    ready = lambda: [n for n, (after, _) in todo.items() if all(a in done for a in after)]
+    stored = lambda n, key: key is not None and (Path(stages)/f"{n}-{key}.json").exists()
+    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) if workers > 1 else None
+    bar = tqdm(total=len(todo), desc="demo stages", disable=not progress, leave=False)
+    try:
+        while todo or running:
+            while todo and ready() and (pool is None or len(running) < workers):
+                n = ready()[0]
+                key, fn, args = todo.pop(n)[1](done)
+                if pool is None or stored(n, key): done[n] = job(stages, n, key, fn, args); bar.update()
+                else: running[pool.submit(job, stages, n, key, fn, args)] = n
+            if not running:
+                if todo: raise AVError(f"demo stages wait on each other: {sorted(todo)}")
+                break
+            for f in wait(running, return_when=FIRST_COMPLETED)[0]: done[running.pop(f)] = f.result(); bar.update()
+    finally:
+        if pool is not None: pool.shutdown(cancel_futures=True)
+        bar.close()
+    return done
 
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
@@ -264,30 +292,40 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if model is None: torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
+    kinds = ("plain", "anchored") if cfg.anchored else ("plain",)
     from av_nbdev.models import cache_dir
-    if model is None: trained, t_train = _timed(lambda: train_stage(Path(cache or cache_dir()/"tiny"), cfg, workers, progress))
-    else: trained, t_train = _timed(lambda: real_stage(real_base, cfg, progress))
-    paths = copy_checkpoints(out, trained) if model is None else trained  # a real model stays in the cache (GBs)
-    files = vector_stage(out, paths, "float32" if model is None else "bfloat16")
-    vec = lambda kind: {d: files[(kind, d)] for d in DOMAINS}
-    base, md_kind = paths["plain"]["base"], "anchored" if cfg.anchored else "plain"
-    models = sorted(p.name for kind in trained.values() for p in kind.values())  # their names carry their settings
-    key = lambda *extra: stage_key(asdict(cfg), data_key, models, *extra)
+    if model is None:  # pretrain and SFT here, then one stage per DPO model
+        cache = Path(cache or cache_dir()/"tiny")
+        shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress))
+        jobs = {f"dpo-{k}-{d}": ((), lambda r, k=k, d=d: (None, "dpo_stage", (cache, out, k, d, cfg.seed))) for k in kinds for d in DOMAINS}
+        trained_in = lambda r, ks: {k: {**shared, **{d: Path(r[f"dpo-{k}-{d}"]) for d in DOMAINS}} for k in ks}
+    else:  # a real model trains its three DPO models here, on every core
+        real, t_base = _timed(lambda: real_stage(real_base, cfg, progress))
+        shared, jobs, trained_in = {"base": real["plain"]["base"]}, {}, lambda r, ks: {k: real[k] for k in ks}
+        vector_stage(out, real, "bfloat16")
+    base, md_kind = shared["base"], "anchored" if cfg.anchored else "plain"
+    vec = lambda kind: {d: vector_file(out, kind, d) for d in DOMAINS}
+    def stage(fn:str, ks:tuple, args:tuple, *extra):
+        "A job that runs after the DPO models of kinds `ks`, keyed by the checkpoints it reads (their names carry their settings)."
+        names = lambda r: sorted({base.name, *(ckpt.name for kind in trained_in(r, ks).values() for ckpt in kind.values())})
+        return tuple(n for n in jobs if n.startswith("dpo-") and n.split("-")[1] in ks), \
+               lambda r: (stage_key(asdict(cfg), data_key, names(r), *extra), fn, args)
     sample = sample_records(data["test"], cfg.per_domain, cfg.seed)
     c = asdict(cfg)  # settings travel to the stage processes as a dict
     jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
-
-    jobs = {"sweep": (key(), "sweep_stage", (base, vec("plain"), sample, c)),
-            "grid": (key(md_kind), "search_stage", ("grid", base, vec(md_kind), sample, c)),
-            "surrogate": (key(md_kind), "search_stage", ("surrogate", base, vec(md_kind), sample, c)),
-            "cost": (key(), "cost_stage", (base, vec("plain"), c))}
-    if "pretrain" in paths["plain"] and cfg.transfer_grid:
-        jobs["transfer"] = (key(), "sweep_stage", (paths["plain"]["pretrain"], vec("plain"), sample, c, False,
-                                                   cfg.transfer_grid, True))
-    if cfg.anchored: jobs["anchored"] = (key(), "sweep_stage", (base, vec("anchored"), sample, c))
     targets = retrain_targets(cfg)
-    jobs.update({f"retrain{i}": (key(t), "retrain_stage", (base, sample, t, c)) for i, t in enumerate(targets)})
-    res, t_eval = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
+    jobs |= {"grid": stage("search_stage", (md_kind,), ("grid", base, vec(md_kind), sample, c), md_kind),  # longest first
+             "surrogate": stage("search_stage", (md_kind,), ("surrogate", base, vec(md_kind), sample, c), md_kind),
+             "sweep": stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))}
+    if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
+    jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
+    jobs["cost"] = stage("cost_stage", ("plain",), (base, vec("plain"), c))
+    if "pretrain" in shared and cfg.transfer_grid:
+        jobs["transfer"] = stage("sweep_stage", ("plain",), (shared["pretrain"], vec("plain"), sample, c, False, cfg.transfer_grid, True))
+    res, t_stages = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
+    trained = trained_in(res, kinds)
+    paths = copy_checkpoints(out, trained) if model is None else trained  # a real model stays in the cache (GBs)
+    files = {(k, d): vector_file(out, k, d) for k in kinds for d in DOMAINS}
 
     sweep = _df(res["sweep"])
     summary = spectrum_summary(sweep).assign(vectors="plain")
@@ -306,7 +344,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
 
     report = {"package_version": av_nbdev.__version__, "model": model or "tiny", "config": asdict(cfg),
               "dataset": {s: len(data[s]) for s in ("train", "test")}, "eval_sample": len(sample),
-              "workers": workers, "train_seconds": t_train, "eval_seconds": t_eval,
+              "workers": workers, "base_seconds": t_base, "stages_seconds": t_stages,
               "dpo_metrics": {k: _records(pipeline_metrics(p)) for k, p in trained.items()},
               "judge_accuracy": jacc["accuracy"],
               "spectrum": _records(summary),
@@ -386,5 +424,5 @@ def summary_text(report:dict, out:Path)->str:
               f"surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
     if report["retrain"]:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
-    lines += [f"  training {report['train_seconds']:.0f} s, evaluation {report['eval_seconds']:.0f} s ({report['workers']} processes)"]
+    lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]
     return "\n".join(lines)

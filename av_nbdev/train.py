@@ -20,9 +20,10 @@ from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save
 
 # %% auto #0
 __all__ = ['PACKED_MODEL_TYPES', 'TRAIN_PASS', 'PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts',
-           'sequence_logprobs', 'response_logprob_sums', 'response_logprobs', 'SFTConfig', 'train_loop', 'pretrain',
-           'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'build_pairs',
-           'answer_problem', 'well_formed', 'records_hash', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
+           'sequence_logprobs', 'response_logprob_sums', 'response_logprobs', 'SFTConfig', 'train_loop', 'by_query',
+           'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference',
+           'build_pairs', 'answer_problem', 'well_formed', 'records_hash', 'tiny_pipelines', 'tiny_pipeline',
+           'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
@@ -107,7 +108,7 @@ def _to(batch:dict, device)->dict: return {k: v.to(device) for k, v in batch.ite
 PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # logits = lm_head(hidden); 4D masks and position ids honoured
 
 def _shared_rows(tokenizer, queries:list, responses:list, instructions:list|None, max_length:int, max_row:int)->list:
-    "Rows (prompt ids, [(response ids, output index), ...]): a prompt once, then its responses, ≤ `max_row` tokens."
+    "Rows (prompt ids, [(response ids, output indices), ...]): a prompt once, then its distinct responses, ≤ `max_row` tokens."
     instructions = instructions or [None] * len(queries)
     groups = {}
     for i, key in enumerate(zip(queries, instructions)): groups.setdefault(key, []).append(i)
@@ -116,8 +117,10 @@ def _shared_rows(tokenizer, queries:list, responses:list, instructions:list|None
         p, row = _ids(tokenizer, prompt_text(tokenizer, q, ins))[:max_length], None
         for i in idx:
             a = _ids(tokenizer, response_text(tokenizer, responses[i]))[:max_length - len(p)]  # as `encode` cuts
+            same = next((s for s in row[1] if s[0] == a), None) if row else None
+            if same: same[1].append(i); continue  # the same response to the same prompt is scored once
             if row is None or _row_len(row) + len(a) > max_row: row = (p, []); rows.append(row)
-            row[1].append((a, i))
+            row[1].append((a, [i]))
     return rows
 
 def _row_len(row)->int: return len(row[0]) + sum(len(a) for a, _ in row[1])
@@ -127,31 +130,36 @@ def _pack(rows:list, pad_id:int, dtype=torch.float32)->dict:
     T, B = max(map(_row_len, rows)), len(rows)
     ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
     seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 prompt, k ≥ 1 the row's k-th response
-    at, target, slot = [], [], []
+    at, target, slot, out_index, out_seg = [], [], [], [], []
     for b, (p, resp) in enumerate(rows):
         t = len(p)
         ids[b, :t], pos[b, :t], seg[b, :t] = torch.tensor(p, dtype=torch.long), torch.arange(t), 0
-        for k, (a, i) in enumerate(resp, 1):
-            n = len(a)
+        for k, (a, idx) in enumerate(resp, 1):
+            u, n = len(out_index), len(a)  # u: this response's number in the batch (≥ those before it)
+            out_index += idx; out_seg += [u] * len(idx)
             if n == 0: continue  # cut away entirely by max_length: no tokens, count 0
             ids[b, t:t + n], pos[b, t:t + n], seg[b, t:t + n] = torch.tensor(a), torch.arange(len(p), len(p) + n), k
             at += [(b, len(p) - 1)] + [(b, t + j) for j in range(n - 1)]  # a first token follows the prompt's last
-            target += a; slot += [i] * n; t += n
+            target += a; slot += [u] * n; t += n
     q, k = seg[:, :, None], seg[:, None, :]
     see = ((k == 0) | (k == q)) & (k >= 0) & torch.ones(T, T, dtype=torch.bool).tril()
     see |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself: no empty softmax row, no NaN
     mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~see[:, None], torch.finfo(dtype).min)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "at": torch.tensor(at, dtype=torch.long).reshape(-1, 2),
-            "target": torch.tensor(target, dtype=torch.long), "slot": torch.tensor(slot, dtype=torch.long)}
+    long = lambda x: torch.tensor(x, dtype=torch.long)
+    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "at": long(at).reshape(-1, 2), "target": long(target),
+            "slot": long(slot), "out_index": long(out_index), "out_seg": long(out_seg)}
 
 def _packed_sums(model, batch:dict, n:int)->tuple:
-    "(sum of log-probs, token count) per output index from one packed batch; logits only where tokens are predicted."
+    "(sum of log-probs, token count) per output index (of `n`) from one packed batch; logits only where tokens are predicted."
     h = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                             position_ids=batch["position_ids"]).last_hidden_state
     logits = model.get_output_embeddings()(h[batch["at"][:, 0], batch["at"][:, 1]]).float()
     lp = logits.gather(-1, batch["target"][:, None]).squeeze(-1) - logits.logsumexp(-1)
-    sums = torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, batch["slot"], lp)
-    return sums, torch.bincount(batch["slot"], minlength=n).to(sums.dtype)
+    u = len(batch["out_seg"])  # more than any response number
+    seg_sums = torch.zeros(u, dtype=lp.dtype, device=lp.device).index_add(0, batch["slot"], lp)
+    seg_counts = torch.bincount(batch["slot"], minlength=u).to(lp.dtype)
+    spread = lambda v: torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, batch["out_index"], v[batch["out_seg"]])
+    return spread(seg_sums), spread(seg_counts)
 
 def _chunks(items:list, size:int|None, weight=lambda x: 1)->list:
     "Consecutive chunks whose weights add up to about `size` (one chunk when `size` is None)."
@@ -176,7 +184,7 @@ def response_logprob_sums(model, # A causal LM
     sums, counts = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
     if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES:
         rows = sorted(_shared_rows(tokenizer, queries, responses, instructions, max_length, 2 * max_length), key=_row_len)
-        for chunk in _chunks(rows, batch_size, lambda r: len(r[1])):
+        for chunk in _chunks(rows, batch_size, lambda r: sum(len(i) for _, i in r[1])):
             s, c = _packed_sums(model, _to(_pack(chunk, _pad_id(tokenizer), next(model.parameters()).dtype), dev), n)
             sums, counts = sums + s, counts + c
         return sums, counts
@@ -225,12 +233,16 @@ def _lr_factor(step:int, cfg)->float:
     t = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
-def _batches(n:int, batch_size:int, seed:int):
-    "Endless seeded stream of index batches, reshuffled every epoch."
+def _batches(n:int, batch_size:int, seed:int, groups:list|None=None):
+    "Endless seeded stream of index batches, reshuffled every epoch; the indices of a group always travel together."
+    groups = groups or [[i] for i in range(n)]
     g, epoch = torch.Generator().manual_seed(seed), []
     while True:
-        if len(epoch) < batch_size: epoch += torch.randperm(n, generator=g).tolist()
-        yield epoch[:batch_size]; epoch = epoch[batch_size:]
+        batch = []
+        while len(batch) < batch_size:
+            if not epoch: epoch = [groups[i] for i in reversed(torch.randperm(len(groups), generator=g).tolist())]
+            batch += epoch.pop()
+        yield batch
 
 def _micro(idx:list, k:int)->list: return [idx[i::k] for i in range(k) if idx[i::k]]
 
@@ -241,6 +253,7 @@ def train_loop(model, # Model to train in place
                desc:str="train", # Progress bar label
                stop=None, # Optional f(list of logged rows) -> True to stop early
                progress:bool=True, # Show a tqdm bar
+               groups:list|None=None, # Optional lists of item indices sampled together (a batch holds ≥ batch_size items)
               )->pd.DataFrame: # One row per step: step, lr, step_fn's stats, seconds since the start
     "The shared optimisation loop: seeded batches, gradient accumulation, clipping, AdamW with warmup + cosine."
     if n == 0: raise AVError(f"{desc}: no training examples")
@@ -248,7 +261,7 @@ def train_loop(model, # Model to train in place
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, cfg))
-    batches, rows, t0 = _batches(n, cfg.batch_size, cfg.seed), [], time.perf_counter()
+    batches, rows, t0 = _batches(n, cfg.batch_size, cfg.seed, groups), [], time.perf_counter()
     model.train()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     try:
@@ -265,6 +278,13 @@ def train_loop(model, # Model to train in place
 
 # %% ../nbs/02_train.ipynb #1e7db808
 TRAIN_PASS = 4 # Sequences per forward pass in training: similar lengths together, little padding (fastest here)
+
+def by_query(items:list, # Dicts with a "query" key (SFT examples, DPO pairs)
+            )->list[list[int]]: # Indices of the items of each query, in first-seen order
+    "Group items by query, so a batch holds all of a query's items and computes its prompt once (DPO pairs)."
+    groups = {}
+    for i, x in enumerate(items): groups.setdefault(x["query"], []).append(i)
+    return list(groups.values())
 
 def _lm_step(model, sums_fn):
     "A `train_loop` step that backpropagates the token-mean cross-entropy over micro-batches."
@@ -324,10 +344,10 @@ def dpo_loss(policy_chosen:torch.Tensor, # log π_θ(y_w|x), summed over tokens,
 class DPOConfig:
     "Settings of a DPO run."
     beta:float = 0.1 # Strength of the pull towards the reference
-    steps:int = 160 # Upper bound on optimiser steps (~1.4 epochs of one domain's 900 pairs)
+    steps:int = 120 # Upper bound on optimiser steps (~1.1 epochs of one domain's 900 pairs)
     batch_size:int = 8 # Pairs per optimiser step
     grad_accum:int = 1 # Micro-batches per step
-    lr:float = 3e-4 # Peak learning rate
+    lr:float = 4e-4 # Peak learning rate
     warmup:int = 5
     min_lr_ratio:float = 1.0 # Constant after warmup
     weight_decay:float = 0.0
@@ -372,7 +392,8 @@ def dpo(policy, # Model to align, trained in place (a copy of the reference at t
             for k, v in dict(loss=loss.detach(), reward_acc=(rw > rl).float(), margin=rw - rl,
                              chosen_reward=rw, rejected_reward=rl).items(): st[k] += v.sum().item() / n
         return st
-    return train_loop(policy, cfg, len(pairs), step, "dpo", stop=margin_stop(cfg), progress=progress)
+    return train_loop(policy, cfg, len(pairs), step, "dpo", stop=margin_stop(cfg), progress=progress,
+                      groups=by_query(pairs))  # a query's pairs share a batch: its prompt and chosen response once
 
 # %% ../nbs/02_train.ipynb #a27d6d6e
 def reward_accuracy(policy, # Aligned model
