@@ -236,3 +236,6 @@ def test_demo_refuses_a_model_it_cannot_use(tmp_path):
     for model, named in ((tmp_path/"none.gguf", "none.gguf"), (tmp_path, "config.json")):
         assert_refused(av("demo", "--model", model, "--out", tmp_path/"report"), named)
         assert not (tmp_path/"report").exists()
+    # anchored vectors need the tiny pipeline: asking for them with a real model is refused the same way
+    assert_refused(av("demo", "--model", "smollm2", "--anchored", "--out", tmp_path/"report"), "tiny-model stages")
+    assert not (tmp_path/"report").exists()
