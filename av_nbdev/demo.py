@@ -92,9 +92,10 @@ def prepare_out(out:str|Path, # Report folder
 # %% ../nbs/10_demo.ipynb #072dd487
 def _records(df:pd.DataFrame)->list: return json.loads(df.to_json(orient="records"))
 
-def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool)->dict:
+def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:bool=False)->dict:
     "The tiny pretrain-only and SFT base checkpoints, trained (on `workers` threads: nothing else runs yet) or reused in `cache`."
-    return tiny_pipelines((False,), cache, domains=(), seed=cfg.seed, workers=workers, progress=progress)[False]
+    return tiny_pipelines((False,), cache, domains=(), seed=cfg.seed, workers=workers, progress=progress,
+                          refresh=("pretrain", "base") if fresh else ())[False]
 
 def vector_file(out:Path, kind:str, domain:str)->Path:
     "Where the report keeps the vector of `domain` of a kind (plain, anchored): `out/vectors/<domain>-expert[-anchored].safetensors`."
@@ -106,16 +107,17 @@ def _extract(base:Path, aligned:Path, f:Path, domain:str, kind:str, dtype:str)->
         AlignmentVector.extract_to(base, aligned, f, dtype=dtype, overwrite=True, domain=domain, level="expert", training=kind)
     return f
 
-def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int)->str:
+def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, fresh:bool=False)->str:
     "One tiny expert DPO model (plain or anchored), trained or reused in `cache`, and its vector in the report; the model's folder."
-    p = tiny_pipelines((kind == "anchored",), cache, domains=(domain,), seed=seed, progress=False)[kind == "anchored"]
+    p = tiny_pipelines((kind == "anchored",), cache, domains=(domain,), seed=seed, progress=False,
+                       refresh=("dpo",) if fresh else ())[kind == "anchored"]
     _extract(p["base"], p[domain], vector_file(out, kind, domain), domain, kind, "float32")
     return str(p[domain])
 
-def real_stage(base:Path, cfg:DemoConfig, progress:bool)->dict:
+def real_stage(base:Path, cfg:DemoConfig, progress:bool, fresh:bool=False)->dict:
     "One expert DPO model per domain from a real base folder (`real.real_pipeline`), trained or reused."
     from av_nbdev.real import real_pipeline
-    return {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress)}
+    return {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress, refresh=fresh)}
 
 def copy_checkpoints(out:Path, paths:dict)->dict:
     "Copy the checkpoints into `out/checkpoints/<folder>` (once each, atomically): the report folder stands alone."
@@ -273,7 +275,7 @@ def run_stages(stages:Path, # Where stage results live
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
              cfg:DemoConfig|None=None, # Sizes; default `DemoConfig()`
-             fresh:bool=False, # Redo every stage
+             fresh:bool=False, # Redo every stage: a new report folder, and the models trained again (replacing the cached ones)
              progress:bool=True, # tqdm bars
              cache:str|Path|None=None, # Where models are trained and reused; default `cache_dir()/"tiny"`
              workers:int|None=None, # Processes for training and evaluation stages; default one per CPU core
@@ -296,11 +298,12 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     from av_nbdev.models import cache_dir
     if model is None:  # pretrain and SFT here, then one stage per DPO model
         cache = Path(cache or cache_dir()/"tiny")
-        shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress))
-        jobs = {f"dpo-{k}-{d}": ((), lambda r, k=k, d=d: (None, "dpo_stage", (cache, out, k, d, cfg.seed))) for k in kinds for d in DOMAINS}
+        shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress, fresh))
+        jobs = {f"dpo-{k}-{d}": ((), lambda r, k=k, d=d: (None, "dpo_stage", (cache, out, k, d, cfg.seed, fresh)))
+                for k in kinds for d in DOMAINS}
         trained_in = lambda r, ks: {k: {**shared, **{d: Path(r[f"dpo-{k}-{d}"]) for d in DOMAINS}} for k in ks}
     else:  # a real model trains its three DPO models here, on every core
-        real, t_base = _timed(lambda: real_stage(real_base, cfg, progress))
+        real, t_base = _timed(lambda: real_stage(real_base, cfg, progress, fresh))
         shared, jobs, trained_in = {"base": real["plain"]["base"]}, {}, lambda r, ks: {k: real[k] for k in ks}
         vector_stage(out, real, "bfloat16")
     base, md_kind = shared["base"], "anchored" if cfg.anchored else "plain"

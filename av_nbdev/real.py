@@ -83,7 +83,7 @@ def sample_pairs(records:list, # Records in the data schema
     return [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
 
 # %% ../nbs/11_real.ipynb #799b3bd5
-def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress)->Path:
+def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress, refresh=False)->Path:
     key = short_hash("real-dpo", base.name, ident, records_hash(data["train"]), records_hash(data["test"]), domain,
                      level, n_pairs, n_heldout, dataclasses.asdict(cfg), freeze, av_nbdev.__version__)
     def build(out):
@@ -102,8 +102,8 @@ def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, 
                    "heldout_pairs": held["pairs"]}
         _write_csv(root/f"{out.name}.log.csv", log)
         _write_json(root/f"{out.name}.metrics.json", metrics)
-        return save_checkpoint(policy, tok, out)
-    return _cached(root/f"dpo-{domain}-{level}-{key}", build)
+        return save_checkpoint(policy, tok, out, overwrite=True)
+    return _cached(root/f"dpo-{domain}-{level}-{key}", build, refresh)
 
 def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
                   out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"real"`
@@ -117,6 +117,7 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
                   n_heldout:int=16, # Test-split pairs for the held-out reward accuracy in `.metrics.json`
                   data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                   device:str|None=None, # e.g. "cuda"; default CPU (not part of the cache key)
+                  refresh:bool=False, # Train the DPO models again although cached (they replace the cached ones)
                  )->dict: # {"base": base, <domain>: DPO checkpoint folder, ...}
     "DPO of a pretrained base per domain (or reuse from the cache): `<out_dir>/<base name>/dpo-<domain>-<level>-<hash>`."
     base = base_dir(base)
@@ -125,4 +126,4 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
     root = Path(out_dir or cache_dir()/"real")/base.name
     ident = base_identity(base)
     return {"base": base} | {d: _stage_real_dpo(root, base, ident, data, d, level, n_pairs, n_heldout, cfg,
-                                                 freeze_embeddings, device, progress) for d in domains}
+                                                 freeze_embeddings, device, progress, refresh) for d in domains}

@@ -488,32 +488,33 @@ def _lock(out:Path):
         yield
 
 def _cached(out:Path, # The stage's checkpoint folder
-            build, # f(out) -> out: trains the stage and saves it to `out`
+            build, # f(out) -> out: trains the stage and saves it to `out` (replacing it: only asked to when `refresh`)
+            refresh:bool=False, # Build it again even if it exists (the new folder replaces the old one atomically)
            )->Path:
     "Reuse a complete stage folder, else build it under the stage lock."
-    if (out/"config.json").exists(): return out  # written atomically: if it exists, it is complete
+    if not refresh and (out/"config.json").exists(): return out  # written atomically: if it exists, it is complete
     with _lock(out):
-        if (out/"config.json").exists(): return out  # another run built it while we waited
+        if not refresh and (out/"config.json").exists(): return out  # another run built it while we waited
         return build(out)
 
 # %% ../nbs/02_train.ipynb #6ee7f074
-def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress)->Path:
+def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress, refresh=False)->Path:
     key = short_hash("pretrain", records_hash(data["train"]), seed, vocab_size, asdict(model_cfg), asdict(cfg))
     def build(out):
         tok = train_tokenizer(corpus_texts(data["train"]), vocab_size=vocab_size)
         model = tiny_llama(tok, model_cfg, seed=seed)
         _write_csv(root/f"{out.name}.log.csv", pretrain(model, tok, corpus_texts(data["train"]), cfg, progress=progress))
-        return save_checkpoint(model, tok, out)
-    return _cached(root/f"pretrain-{key}", build)
+        return save_checkpoint(model, tok, out, overwrite=True)
+    return _cached(root/f"pretrain-{key}", build, refresh)
 
-def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress)->Path:
+def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress, refresh=False)->Path:
     key = short_hash("sft", parent.name, records_hash(data["train"]), seed, instruct_share, asdict(cfg))
     def build(out):
         model, tok = load_model(parent)
         examples = sft_examples(data["train"], instruct_share=instruct_share, seed=seed)
         _write_csv(root/f"{out.name}.log.csv", sft(model, tok, examples, cfg, progress=progress))
-        return save_checkpoint(model, tok, out)
-    return _cached(root/f"base-{key}", build)
+        return save_checkpoint(model, tok, out, overwrite=True)
+    return _cached(root/f"base-{key}", build, refresh)
 
 def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
     "The DPO stage's folder, named by a hash of everything that determines it."
@@ -521,7 +522,7 @@ def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg
                      anchor and anchor_share, n_wellformed, asdict(cfg))
     return root/f"dpo-{domain}-{level}-{key}"
 
-def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress)->Path:
+def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False)->Path:
     if isinstance(cfg, dict): cfg = DPOConfig(**cfg)  # sent to a worker process as a dict (the class may be a notebook's)
     def build(out):
         reference, tok = load_model(base_dir)
@@ -537,8 +538,8 @@ def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, c
                    "well_formed": float(answers.problem.isna().mean()), "well_formed_n": len(answers)}
         _write_csv(root/f"{out.name}.log.csv", log)
         _write_json(root/f"{out.name}.metrics.json", metrics)
-        return save_checkpoint(policy, tok, out)
-    return _cached(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build)
+        return save_checkpoint(policy, tok, out, overwrite=True)
+    return _cached(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build, refresh)
 
 # %% ../nbs/02_train.ipynb #28ebe304
 def _one_thread(): torch.set_num_threads(1)  # tiny matrices: one thread per process is fastest
@@ -583,6 +584,7 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
                    data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                    n_wellformed:int=30, # Held-out queries answered greedily per domain for the well-formed check
                    workers:int=1, # Processes for the DPO stages, threads for pretrain and SFT (in a script, >1 needs `if __name__ == "__main__":`)
+                   refresh:tuple=(), # Stages to train again although cached: any of "pretrain", "base", "dpo"
                    progress:bool=True, # tqdm bars
                   )->dict: # {anchor: {"pretrain": dir, "base": dir, <domain>: dir, ...}}
     "Train (or reuse from the cache) tokenizer → pretrain → SFT base → DPO models per domain, for each anchoring choice."
@@ -594,16 +596,18 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
     root = Path(out_dir) if out_dir is not None else cache_dir()/"tiny"
     root = root/f"v{av_nbdev.__version__}"
     with _threads(max(workers, torch.get_num_threads())):  # the chain runs alone: every worker's core helps it
-        shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress)}
-        shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress)
+        shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress,
+                                              "pretrain" in refresh)}
+        shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress, "base" in refresh)
     jobs = [(root, shared["base"], data, d, level, a, anchor_share, dpo_cfg, n_wellformed) for a in anchors for d in domains]
-    todo = [j for j in jobs if not (_dpo_dir(*j)/"config.json").exists()]
+    todo = [j for j in jobs if "dpo" in refresh or not (_dpo_dir(*j)/"config.json").exists()]
     if workers > 1 and len(todo) > 1:
         from av_nbdev.train import _stage_dpo as stage  # the package's function: workers import it by name
-        _run_jobs(stage, [(*j[:7], asdict(j[7]), j[8], False) for j in todo], workers, "dpo stages", progress)
-    dirs = [_stage_dpo(*j, progress) for j in jobs]  # trained above, or here one after the other
+        _run_jobs(stage, [(*j[:7], asdict(j[7]), j[8], False, True) for j in todo], workers, "dpo stages", progress)
+    else:
+        for j in todo: _stage_dpo(*j, progress, True)
     out = {a: dict(shared) for a in anchors}
-    for j, p in zip(jobs, dirs): out[j[5]][j[3]] = p
+    for j in jobs: out[j[5]][j[3]] = _dpo_dir(*j)  # trained above, or cached
     return out
 
 def tiny_pipeline(out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
