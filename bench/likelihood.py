@@ -8,6 +8,7 @@ and `sequence_logprobs`. Prints the median of `--repeats` timings of each and th
 A benchmark, not a test: timings depend on the machine and on what else runs on it.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/likelihood.py --threads 1
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/likelihood.py --model smollm2 --threads 2 --records 12 --repeats 2
 """
 import argparse, json, os, statistics, time
 
@@ -26,6 +27,7 @@ def main():
     ap.add_argument("--records", type=int, default=90, help="held-out records in the preference evaluation")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    ap.add_argument("--model", default="tiny", help="tiny (the cached medical DPO model), smollm2, a .gguf file or an HF folder")
     a = ap.parse_args()
 
     import torch
@@ -34,7 +36,10 @@ def main():
     from av_nbdev.models import load_model
     from av_nbdev.train import tiny_pipeline, encode, sequence_logprobs, response_logprob_sums
 
-    model, tok = load_model(tiny_pipeline(domains=("medical",), progress=False)["medical"])
+    if a.model == "tiny": model, tok = load_model(tiny_pipeline(domains=("medical",), progress=False)["medical"])
+    else:
+        from av_nbdev.real import base_dir
+        model, tok = load_model(base_dir(a.model))
     data = load_splits()
     recs = data["test"][:a.records]
     qs, rs = [r["query"] for r in recs for _ in LEVELS], [r["responses"][l] for r in recs for l in LEVELS]
@@ -63,7 +68,7 @@ def main():
     model.eval()
     with torch.no_grad():  # the two routes agree before we time them
         gap = (response_logprob_sums(model, tok, qs, rs)[0] - padded(qs, rs, 32)).abs().max().item()
-    report = {"threads": a.threads, "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
+    report = {"model": a.model, "threads": a.threads, "cpus": os.cpu_count(), "load_avg_1min": round(os.getloadavg()[0], 2),
               "records": len(recs), "max_abs_difference_nats": gap}
     for name, fn in (("preference_evaluation", evaluation), ("dpo_step", dpo_step)):
         base, new = median_seconds(lambda: fn(False), a.repeats), median_seconds(lambda: fn(True), a.repeats)
