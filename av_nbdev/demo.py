@@ -13,13 +13,12 @@ import numpy as np
 import pandas as pd
 import torch
 import matplotlib.pyplot as plt
-from tqdm.auto import tqdm
 
 import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits
 from .models import load_model
-from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig
+from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig, run_jobs
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy, generate_answers, prompting_baseline, cost_summary
@@ -246,31 +245,11 @@ def run_stages(stages:Path, # Where stage results live
                workers:int, # Processes; 1 runs the stages here, one after the other
                progress:bool=True,
               )->dict: # name -> result
-    "Run each stage once those it comes after are done: earlier jobs first, in parallel processes when `workers` > 1."
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
-    from av_nbdev.demo import _job as job  # the package's functions: workers import them by name
-    from av_nbdev.train import _one_thread
-    done, todo, running = {}, dict(jobs), {}
-    ready = lambda: [n for n, (after, _) in todo.items() if all(a in done for a in after)]
-    stored = lambda n, key: key is not None and (Path(stages)/f"{n}-{key}.json").exists()
-    pool = ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_one_thread) if workers > 1 else None
-    bar = tqdm(total=len(todo), desc="demo stages", disable=not progress, leave=False)
-    try:
-        while todo or running:
-            while todo and ready() and (pool is None or len(running) < workers):
-                n = ready()[0]
-                key, fn, args = todo.pop(n)[1](done)
-                if pool is None or stored(n, key): done[n] = job(stages, n, key, fn, args); bar.update()
-                else: running[pool.submit(job, stages, n, key, fn, args)] = n
-            if not running:
-                if todo: raise AVError(f"demo stages wait on each other: {sorted(todo)}")
-                break
-            for f in wait(running, return_when=FIRST_COMPLETED)[0]: done[running.pop(f)] = f.result(); bar.update()
-    finally:
-        if pool is not None: pool.shutdown(cancel_futures=True)
-        bar.close()
-    return done
+    "Run each stage once those it comes after are done (`train.run_jobs`); a stored result is read here, not in a worker."
+    from av_nbdev.demo import _job  # the package's function: workers import it by name
+    stored = lambda fn, a: a[2] is not None and (Path(a[0])/f"{a[1]}-{a[2]}.json").exists()  # a: _job's arguments
+    return run_jobs({n: (after, lambda r, n=n, make=make: (_job, (stages, n, *make(r)))) for n, (after, make) in jobs.items()},
+                    workers, "demo stages", progress, here=stored)
 
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder

@@ -22,8 +22,8 @@ from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save
 __all__ = ['PACKED_MODEL_TYPES', 'TRAIN_PASS', 'PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts',
            'sequence_logprobs', 'response_logprob_sums', 'response_logprobs', 'SFTConfig', 'train_loop', 'by_query',
            'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference',
-           'build_pairs', 'answer_problem', 'well_formed', 'records_hash', 'tiny_pipelines', 'tiny_pipeline',
-           'pipeline_metrics']
+           'build_pairs', 'answer_problem', 'well_formed', 'records_hash', 'run_jobs', 'tiny_pipelines',
+           'tiny_pipeline', 'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
@@ -179,7 +179,7 @@ def response_logprob_sums(model, # A causal LM
                           batch_size:int|None=None, # Responses per forward pass (similar lengths together); None: one pass
                          )->tuple: # (summed log-prob, token count) per response, on the model's device, with gradients
     "Log-likelihood of each response given its prompt; responses to the same prompt share one pass over it."
-    if len(queries) != len(responses): raise AVError(f"response_logprobs: {len(queries)} queries but {len(responses)} responses")
+    if len(queries) != len(responses): raise AVError(f"response_logprob_sums: {len(queries)} queries but {len(responses)} responses")
     n, dev = len(queries), _device(model)
     sums, counts = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
     if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES:
@@ -551,23 +551,36 @@ def _threads(n:int):
     try: yield
     finally: torch.set_num_threads(old)
 
-def _run_jobs(fn, # A module-level function (pickled by name into the workers)
-              jobs:list, # Argument tuples, one per call
-              workers:int, # Processes; 1 runs the calls here, one after the other
-              desc:str="jobs", # Progress bar label
-              progress:bool=True,
-             )->list: # fn's results, in job order
-    "Call `fn(*job)` for every job, in parallel single-threaded processes when `workers` > 1."
-    if workers <= 1 or len(jobs) <= 1: return [fn(*j) for j in jobs]
+def run_jobs(jobs:dict, # name -> (names it comes after, f(results so far) -> (module-level function, argument tuple))
+             workers:int, # Processes; 1 runs the jobs here, one after the other
+             desc:str="jobs", # Progress bar label
+             progress:bool=True,
+             here=lambda fn, args: False, # f(fn, args) -> True: run this ready job here (e.g. its result is stored)
+            )->dict: # name -> result
+    "Run each job once those it comes after are done: earlier-listed first, in single-threaded processes when `workers` > 1."
     import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, as_completed
-    from av_nbdev.train import _one_thread as init  # the package's function: workers import it by name
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=mp.get_context("spawn"), initializer=init) as ex:
-        futures = {ex.submit(fn, *j): i for i, j in enumerate(jobs)}
-        out = [None] * len(jobs)
-        for f in tqdm(as_completed(futures), total=len(jobs), desc=desc, disable=not progress, leave=False):
-            out[futures[f]] = f.result()
-    return out
+    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
+    from av_nbdev.train import _one_thread  # the package's function: workers import it by name
+    done, todo, running = {}, dict(jobs), {}
+    ready = lambda: [n for n, (after, _) in todo.items() if all(a in done for a in after)]
+    n_proc = min(workers, len(jobs))
+    pool = ProcessPoolExecutor(n_proc, mp_context=mp.get_context("spawn"), initializer=_one_thread) if n_proc > 1 else None
+    bar = tqdm(total=len(todo), desc=desc, disable=not progress, leave=False)
+    try:
+        while todo or running:
+            while todo and ready() and (pool is None or len(running) < n_proc):
+                n = ready()[0]
+                fn, args = todo.pop(n)[1](done)
+                if pool is None or here(fn, args): done[n] = fn(*args); bar.update()
+                else: running[pool.submit(fn, *args)] = n
+            if not running:
+                if todo: raise AVError(f"{desc}: jobs wait on each other: {sorted(todo)}")
+                break
+            for f in wait(running, return_when=FIRST_COMPLETED)[0]: done[running.pop(f)] = f.result(); bar.update()
+    finally:
+        if pool is not None: pool.shutdown(cancel_futures=True)
+        bar.close()
+    return done
 
 def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: plain (False) and/or anchored (True)
                    out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
@@ -601,11 +614,11 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
         shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress, "base" in refresh)
     jobs = [(root, shared["base"], data, d, level, a, anchor_share, dpo_cfg, n_wellformed) for a in anchors for d in domains]
     todo = [j for j in jobs if "dpo" in refresh or not (_dpo_dir(*j)/"config.json").exists()]
-    if workers > 1 and len(todo) > 1:
-        from av_nbdev.train import _stage_dpo as stage  # the package's function: workers import it by name
-        _run_jobs(stage, [(*j[:7], asdict(j[7]), j[8], False, True) for j in todo], workers, "dpo stages", progress)
-    else:
-        for j in todo: _stage_dpo(*j, progress, True)
+    here = min(workers, len(todo)) <= 1
+    if here: stage = _stage_dpo
+    else: from av_nbdev.train import _stage_dpo as stage  # the package's function: workers import it by name
+    run_jobs({i: ((), lambda r, j=j: (stage, (*j[:7], asdict(j[7]), j[8], progress and here, True))) for i, j in enumerate(todo)},
+             workers, "dpo stages", progress)
     out = {a: dict(shared) for a in anchors}
     for j in jobs: out[j[5]][j[3]] = _dpo_dir(*j)  # trained above, or cached
     return out
