@@ -15,11 +15,12 @@ import av_nbdev
 from .core import AVError
 from .tensorio import CheckpointReader, ShardWriter, open_tensors
 from .vectors import (AlignmentVector, base_fingerprint, fingerprint_mismatch, check_finite, as_store_dtype,
-                              describe_source, Scratch, FORMAT, FORMAT_VERSION, LAMBDA_CONVENTION, _add_stats, _dtype_name, _first)
+                              describe_source, Scratch, LowRank, FORMAT, FORMAT_VERSION, LAMBDA_CONVENTION, vector_stats,
+                              dtype_name, short_list)
 
 # %% auto #0
 __all__ = ['METHODS', 'magnitude_trim', 'random_drop', 'register_method', 'task_arithmetic', 'linear', 'ties', 'dare',
-           'dare_ties', 'compose', 'copy_model_files', 'iter_merged', 'merge_checkpoint']
+           'dare_ties', 'stacked_factors', 'compose', 'copy_model_files', 'iter_merged', 'merge_checkpoint']
 
 # %% ../nbs/04_compose.ipynb #d79a83c9
 def magnitude_trim(d:torch.Tensor, # A difference tensor (fp32)
@@ -138,9 +139,6 @@ def _label(v:AlignmentVector)->str:
     r = getattr(v.tensors, "reader", None)
     return str(r.path) if r is not None else f"vector {v.meta.get('domain')}/{v.meta.get('level')}"
 
-def _shape(v:AlignmentVector, n:str)->tuple:
-    r = getattr(v.tensors, "reader", None)
-    return tuple(r.shape(n)) if r is not None else tuple(v[n].shape)
 
 def _check_same_base(vectors:list[AlignmentVector], allow_transfer:bool):
     "All vectors made from one base (fingerprint), or at least the same names and shapes with allow_transfer."
@@ -151,10 +149,19 @@ def _check_same_base(vectors:list[AlignmentVector], allow_transfer:bool):
     shapes = {}
     for v in vectors:
         for n in v.names():
-            s = _shape(v, n)
+            s = v.shape(n)
             if shapes.setdefault(n, s) != s: raise AVError(f"{_label(v)}: tensor {n!r} has shape {s}, another vector {shapes[n]}")
 
 # %% ../nbs/04_compose.ipynb #8808ae14
+def stacked_factors(vectors:Sequence[AlignmentVector], # Vectors
+                    weights:Sequence[float], # λ per vector
+                    name:str, # Tensor name
+                   )->LowRank|None:
+    "Σ λ_i·B_i·A_i as one `LowRank` (A's stacked, λ·B's side by side) when every vector holding `name` has it factored, else None."
+    parts = [(v.factors(name), float(w)) for v, w in zip(vectors, weights) if name in v and w != 0]
+    if not parts or any(f is None for f, _ in parts): return None
+    return LowRank(torch.cat([f.A.float() for f, _ in parts]), torch.cat([f.B.float() * w for f, w in parts], 1))
+
 def compose(vectors:Sequence, # AlignmentVectors or paths to vector files
             weights:Sequence[float], # λ per vector
             method:str="linear", # A name in METHODS: linear, ties, dare, dare_ties
@@ -171,21 +178,25 @@ def compose(vectors:Sequence, # AlignmentVectors or paths to vector files
     densities, dtype = _check_method(method, weights, density, len(vectors)), as_store_dtype(dtype)
     _check_same_base(vectors, allow_transfer)
     names = list(dict.fromkeys(n for v in vectors for n in v.names()))
-    tensors, norms, numels = {}, {}, {}
+    tensors, norms, numels, ranks = {}, {}, {}, {}
     for n in tqdm(names, desc=method, disable=not progress, leave=False):
-        fetch = [(lambda v=v: v[n] if n in v else None) for v in vectors]
-        d = METHODS[method](fetch, [float(w) for w in weights], densities, key=n, seed=seed)
+        d = stacked_factors(vectors, weights, n) if method == "linear" else None
+        if d is None:
+            fetch = [(lambda v=v: v[n] if n in v else None) for v in vectors]
+            d = METHODS[method](fetch, [float(w) for w in weights], densities, key=n, seed=seed)
         if d is None: continue
-        tensors[n], norms[n], numels[n] = d.to(dtype), float(d.norm()), d.numel()
+        tensors[n], numels[n] = d.to(dtype=dtype), math.prod(d.shape)
+        norms[n] = d.norm() if isinstance(d, LowRank) else float(d.norm())
+        if isinstance(d, LowRank): ranks[n] = d.rank
     m0 = vectors[0].meta
     joined = lambda k: "+".join(dict.fromkeys(str(v.meta.get(k)) for v in vectors))
     meta = {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": av_nbdev.__version__,
             "domain": joined("domain"), "level": joined("level"), "lambda_convention": LAMBDA_CONVENTION,
-            "base": m0.get("base"), "aligned": None, "dtype": _dtype_name(dtype),
+            "base": m0.get("base"), "aligned": None, "dtype": dtype_name(dtype),
             "base_fingerprint": vectors[0].base_fingerprint,
             "composed": {"method": method, "weights": [float(w) for w in weights], "density": densities, "seed": seed,
                          "sources": [{k: v.meta.get(k) for k in ("domain", "level", "base", "aligned")} for v in vectors]}}
-    return AlignmentVector(tensors, _add_stats(meta, norms, numels, [n for n in names if n not in tensors]))
+    return AlignmentVector(tensors, vector_stats(meta, norms, numels, [n for n in names if n not in tensors], ranks))
 
 # %% ../nbs/04_compose.ipynb #a655bb55
 _WEIGHT_FILES = (".safetensors", ".safetensors.index.json", ".bin", ".bin.index.json", ".pt", ".pth", ".ckpt",
@@ -209,9 +220,9 @@ def _check_applicable(v:AlignmentVector, base:CheckpointReader, fp:dict, allow_t
                       "pass allow_transfer=True (CLI: --allow-transfer) to apply it anyway")
     mm = fingerprint_mismatch(v.base_fingerprint, fp, content=False)
     missing = [n for n in v.names() if n not in base]
-    shapes = [f"{n} {_shape(v, n)} vs {tuple(base.shape(n))}" for n in v.names() if n in base and _shape(v, n) != tuple(base.shape(n))]
-    if missing: raise AVError(f"{_label(v)}: tensor {missing[0]!r} is not in the base {base.path} ({_first(missing)})")
-    if shapes: raise AVError(f"{_label(v)}: shape mismatch with the base {base.path}: {_first(shapes)}")
+    shapes = [f"{n} {v.shape(n)} vs {tuple(base.shape(n))}" for n in v.names() if n in base and v.shape(n) != tuple(base.shape(n))]
+    if missing: raise AVError(f"{_label(v)}: tensor {missing[0]!r} is not in the base {base.path} ({short_list(missing)})")
+    if shapes: raise AVError(f"{_label(v)}: shape mismatch with the base {base.path}: {short_list(shapes)}")
     if mm: raise AVError(f"{_label(v)}: cannot transfer to {base.path}: {mm}")
 
 def iter_merged(base:CheckpointReader, # Base checkpoint reader

@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['AVError', 'check_new_path', 'atomic_path', 'atomic_dir', 'set_seed', 'default_device', 'short_hash']
+__all__ = ['AVError', 'check_new_path', 'fsync_dir', 'atomic_path', 'atomic_dir', 'file_lock', 'build_once', 'set_seed',
+           'default_device', 'short_hash', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #11354ce2
 class AVError(ValueError):
@@ -34,7 +35,9 @@ def _umask()->int:
     m = os.umask(0); os.umask(m)
     return m
 
-def _fsync_dir(d:Path):
+def fsync_dir(d:Path, # A folder whose entries just changed
+             ):
+    "Flush a folder's entries (a rename inside it) to disk; a no-op where the OS cannot."
     with contextlib.suppress(OSError):
         fd = os.open(d, os.O_RDONLY)
         try: os.fsync(fd)
@@ -55,7 +58,7 @@ def atomic_path(path:str|Path, # Final file path
         yield tmp
         with open(tmp, "rb+") as f: os.fsync(f.fileno())
         os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -79,9 +82,33 @@ def atomic_dir(path:str|Path, # Final folder path
             os.replace(tmp, path)
             shutil.rmtree(old, ignore_errors=True)
         else: os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        fsync_dir(path.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+# %% ../nbs/00_core.ipynb #5aa240fe
+@contextlib.contextmanager
+def file_lock(path:str|Path, # The file or folder to guard; the lock file is `.<name>.lock` beside it
+             ):
+    "Hold an exclusive lock on `path` inside the block (other processes asking for it wait)."
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent/f".{path.name}.lock", "a") as f:
+        try: import fcntl; fcntl.flock(f, fcntl.LOCK_EX)
+        except ImportError: pass  # no fcntl (Windows): no lock; atomic folders still keep a cache sound
+        yield
+
+def build_once(out:str|Path, # The folder to reuse or build
+               build, # f(out) -> out: builds the folder atomically (replacing it only when `refresh`)
+               refresh:bool=False, # Build it again even if it exists
+               done:str="config.json", # The file whose presence marks a complete folder
+              )->Path:
+    "Reuse a complete folder, else build it under its lock (a folder another process built meanwhile is reused)."
+    out = Path(out)
+    if not refresh and (out/done).exists(): return out  # written atomically: if it exists, it is complete
+    with file_lock(out):
+        if not refresh and (out/done).exists(): return out
+        return build(out)
 
 # %% ../nbs/00_core.ipynb #6575c539
 def set_seed(seed:int=0, # Seed for python, numpy and torch
@@ -99,3 +126,12 @@ def short_hash(*parts, # JSON-able settings and input hashes
               )->str:
     "12 hex digits of the SHA-256 of `parts` as canonical JSON (keys sorted; other objects by `str`)."
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+# %% ../nbs/00_core.ipynb #be2d87d9
+def cache_dir()->Path:
+    "Where trained and converted models (and regenerated data) are cached: `$AV_CACHE`, else `<repo>/.cache/av_nbdev` in a checkout, else `~/.cache/av_nbdev`."
+    import importlib.util
+    if os.environ.get("AV_CACHE"): return Path(os.environ["AV_CACHE"]).expanduser()
+    repo = Path(importlib.util.find_spec("av_nbdev").origin).resolve().parents[1]
+    if (repo/"pyproject.toml").exists() and (repo/"nbs").is_dir(): return repo/".cache"/"av_nbdev"
+    return Path.home()/".cache"/"av_nbdev"

@@ -8,21 +8,36 @@ import json, os, random, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import AVError, atomic_path
+from .core import AVError, atomic_path, cache_dir
 
 # %% auto #0
-__all__ = ['DOMAINS', 'LEVELS', 'REQUIRED', 'LEVEL_INSTRUCTIONS', 'MEDICAL', 'LEGAL', 'FINANCIAL', 'TOPICS', 'HELDOUT_TOPICS',
-           'AGES', 'OCCUPATIONS', 'PERSONA_INTROS', 'SITUATION_INTROS', 'NAMED_FORMS', 'BARE_FORMS', 'FILLERS',
-           'DECLINES', 'REFERRALS', 'AVOID_CLOSERS', 'URGENT', 'GENERIC_OPENERS', 'GENERIC_BODIES', 'DOMAIN_PLAIN',
-           'GENERIC_CLOSERS', 'EXPERT_OPENERS', 'EXPERT_CAVEATS', 'RESPONDERS', 'QUERY_PROMPT', 'LEVEL_SYSTEM_PROMPTS',
-           'format_prompt', 'Topic', 'make_persona', 'make_query', 'avoidance_response', 'generic_response',
-           'expert_response', 'norm_query', 'generate_dataset', 'to_jsonl', 'write_splits', 'default_data_dir',
-           'load_records', 'load_splits', 'dpo_pairs', 'sft_examples', 'generate_with_chat_model']
+__all__ = ['DOMAINS', 'LEVELS', 'REQUIRED', 'DEFAULT_SPECTRUM', 'LEVEL_INSTRUCTIONS', 'MEDICAL', 'LEGAL', 'FINANCIAL', 'TOPICS',
+           'HELDOUT_TOPICS', 'AGES', 'OCCUPATIONS', 'PERSONA_INTROS', 'SITUATION_INTROS', 'NAMED_FORMS', 'BARE_FORMS',
+           'FILLERS', 'DECLINES', 'REFERRALS', 'AVOID_CLOSERS', 'URGENT', 'GENERIC_OPENERS', 'GENERIC_BODIES',
+           'DOMAIN_PLAIN', 'GENERIC_CLOSERS', 'EXPERT_OPENERS', 'EXPERT_CAVEATS', 'RESPONDERS', 'SPECTRUM_FILE',
+           'QUERY_PROMPT', 'LEVEL_SYSTEM_PROMPTS', 'Spectrum', 'format_prompt', 'Topic', 'make_persona', 'make_query',
+           'avoidance_response', 'generic_response', 'expert_response', 'norm_query', 'generate_dataset', 'to_jsonl',
+           'write_splits', 'default_data_dir', 'read_spectrum', 'load_records', 'load_splits', 'levels_of',
+           'domains_of', 'dpo_pairs', 'level_instruction_text', 'sft_examples', 'generate_with_chat_model']
 
 # %% ../nbs/00_data.ipynb #d8d91781
 DOMAINS = ("medical", "legal", "financial")
 LEVELS = ("avoidance", "generic", "expert")
 REQUIRED = ("id", "domain", "persona", "query", "responses")
+
+@dataclass(frozen=True)
+class Spectrum:
+    "A dataset's domains and its ordered levels (the first is the low end: a dial turns from it to the last)."
+    domains:tuple = DOMAINS
+    levels:tuple = LEVELS
+    def __post_init__(self):
+        for name, xs in (("domains", self.domains), ("levels", self.levels)):
+            if not xs or len(set(xs)) != len(xs) or not all(isinstance(x, str) and x.strip() for x in xs):
+                raise AVError(f"spectrum: '{name}' must be distinct non-empty names, got {list(xs)!r}")
+        if len(self.levels) < 2: raise AVError(f"spectrum: at least two levels needed, got {list(self.levels)!r}")
+        object.__setattr__(self, "domains", tuple(self.domains)); object.__setattr__(self, "levels", tuple(self.levels))
+
+DEFAULT_SPECTRUM = Spectrum()
 
 # %% ../nbs/00_data.ipynb #596ebbf2
 LEVEL_INSTRUCTIONS = {
@@ -896,29 +911,46 @@ _REPO_DATA = Path(__file__).resolve().parent.parent/"data" if "__file__" in glob
 def default_data_dir()->Path:
     "The repository's `data/`; outside a checkout, a cache folder regenerated deterministically on first use."
     if (_REPO_DATA/"train.jsonl").exists(): return _REPO_DATA
-    cache = Path(os.environ.get("AV_CACHE", Path.home()/".cache"/"av_nbdev"))/"data"
+    cache = cache_dir()/"data"  # the one cache root, shared with the models
     if not (cache/"train.jsonl").exists(): write_splits(generate_dataset(), cache, overwrite=True)
     return cache
 
 # %% ../nbs/00_data.ipynb #5cd2112c
-def _check_record(r, where:str, ids:dict, ln:int):
-    "Raise AVError if `r` does not follow the schema."
+SPECTRUM_FILE = "dataset.json"
+
+def read_spectrum(data_dir:str|Path, # A dataset folder
+                 )->Spectrum: # Its `dataset.json`, else the default spectrum
+    "The spectrum a dataset folder declares (`dataset.json`: domains and ordered levels), else `DEFAULT_SPECTRUM`."
+    f = Path(data_dir)/SPECTRUM_FILE
+    if not f.exists(): return DEFAULT_SPECTRUM
+    try: d = json.loads(f.read_text())
+    except json.JSONDecodeError as e: raise AVError(f"{f}: malformed JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(d, dict) or set(d) - {"domains", "levels"} or not {"domains", "levels"} <= set(d):
+        raise AVError(f"{f}: expected an object with exactly 'domains' and 'levels'")
+    try: return Spectrum(tuple(d["domains"]), tuple(d["levels"]))
+    except (AVError, TypeError) as e: raise AVError(f"{f}: {e}") from None
+
+def _check_record(r, where:str, ids:dict, ln:int, spectrum:Spectrum=DEFAULT_SPECTRUM):
+    "Raise AVError if `r` does not follow the schema; put its responses in the spectrum's level order."
     if not isinstance(r, dict): raise AVError(f"{where}: expected a JSON object, got {type(r).__name__}")
     for k in REQUIRED:
         if k not in r: raise AVError(f"{where}: field '{k}' missing")
     for k in ("id", "domain", "persona", "query"):
         if not isinstance(r[k], str) or not r[k].strip(): raise AVError(f"{where}: field '{k}' must be a non-empty string")
-    if r["domain"] not in DOMAINS:
-        raise AVError(f"{where}: field 'domain': unknown domain {r['domain']!r} (expected one of {', '.join(DOMAINS)})")
+    if r["domain"] not in spectrum.domains:
+        raise AVError(f"{where}: field 'domain': unknown domain {r['domain']!r} (expected one of {', '.join(spectrum.domains)})")
     if not isinstance(r["responses"], dict): raise AVError(f"{where}: field 'responses' must be an object")
-    for lvl in LEVELS:
+    for lvl in spectrum.levels:
         if lvl not in r["responses"]: raise AVError(f"{where}: field 'responses.{lvl}' missing")
         v = r["responses"][lvl]
         if not isinstance(v, str) or not v.strip(): raise AVError(f"{where}: field 'responses.{lvl}' must be a non-empty string")
+    extra = [l for l in r["responses"] if l not in spectrum.levels]
+    if extra: raise AVError(f"{where}: field 'responses.{extra[0]}': unknown level (expected {', '.join(spectrum.levels)})")
+    r["responses"] = {l: r["responses"][l] for l in spectrum.levels}  # the declared order is the records' order
     if r["id"] in ids: raise AVError(f"{where}: field 'id': duplicate id {r['id']!r} (first on line {ids[r['id']]})")
     ids[r["id"]] = ln
 
-def _read_jsonl(path:Path)->list[tuple[int,dict]]:
+def _read_jsonl(path:Path, spectrum:Spectrum)->list[tuple[int,dict]]:
     "(line number, record) pairs, every record validated."
     if not path.is_file(): raise AVError(f"{path}: no such file")
     out, ids = [], {}
@@ -927,20 +959,24 @@ def _read_jsonl(path:Path)->list[tuple[int,dict]]:
             if not line.strip(): continue
             try: r = json.loads(line)
             except json.JSONDecodeError as e: raise AVError(f"{path}:{ln}: malformed JSON ({e.msg} at column {e.colno})") from None
-            _check_record(r, f"{path}:{ln}", ids, ln)
+            _check_record(r, f"{path}:{ln}", ids, ln, spectrum)
             out.append((ln, r))
     return out
 
 def load_records(path:str|Path, # A JSONL file in the record schema
+                 spectrum:Spectrum|None=None, # Domains and levels; default the folder's `dataset.json`, else the default
                 )->list[dict]: # The validated records
     "Load and validate one JSONL file of records."
-    return [r for _, r in _read_jsonl(Path(path))]
+    path = Path(path)
+    return [r for _, r in _read_jsonl(path, spectrum or read_spectrum(path.parent))]
 
 def load_splits(data_dir:str|Path|None=None, # Folder with train.jsonl and test.jsonl; default `default_data_dir()`
+                spectrum:Spectrum|None=None, # Domains and levels; default the folder's `dataset.json`, else the default
                )->dict: # {"train": [...], "test": [...]}
     "Load both splits and refuse any test query that also appears in train."
     d = Path(data_dir) if data_dir is not None else default_data_dir()
-    train, test = _read_jsonl(d/"train.jsonl"), _read_jsonl(d/"test.jsonl")
+    spectrum = spectrum or read_spectrum(d)
+    train, test = _read_jsonl(d/"train.jsonl", spectrum), _read_jsonl(d/"test.jsonl", spectrum)
     where = {norm_query(r["query"]): ln for ln, r in train}
     for ln, r in test:
         if norm_query(r["query"]) in where:
@@ -948,22 +984,41 @@ def load_splits(data_dir:str|Path|None=None, # Folder with train.jsonl and test.
                           " (test queries must not appear in train)")
     return {"train": [r for _, r in train], "test": [r for _, r in test]}
 
+def levels_of(records:list, # Validated records
+             )->tuple: # Their levels, in the dataset's order
+    "The levels records compare (every record holds the same ones, in the dataset's order)."
+    if not records: raise AVError("no records")
+    levels = tuple(records[0]["responses"])
+    for r in records:
+        if tuple(r["responses"]) != levels:
+            raise AVError(f"record {r.get('id')!r}: levels {list(r['responses'])} differ from {list(levels)} (records of one dataset only)")
+    return levels
+
+def domains_of(records:list)->tuple:
+    "The domains of `records`, in first-seen order."
+    return tuple(dict.fromkeys(r["domain"] for r in records))
+
 # %% ../nbs/00_data.ipynb #94d40256
-def _check_level(domain:str, level:str):
-    if domain not in DOMAINS: raise AVError(f"domain {domain!r} unknown (expected one of {', '.join(DOMAINS)})")
-    if level not in LEVELS: raise AVError(f"level {level!r} unknown (expected one of {', '.join(LEVELS)})")
+def _check_level(records:list, domain:str, level:str):
+    domains, levels = domains_of(records), levels_of(records)
+    if domain not in domains: raise AVError(f"domain {domain!r} unknown (expected one of {', '.join(domains)})")
+    if level not in levels: raise AVError(f"level {level!r} unknown (expected one of {', '.join(levels)})")
 
 def dpo_pairs(records:list, # Records in the schema
               domain:str, # Only this domain's queries
               level:str, # The preferred (chosen) level
              )->list[dict]: # {"query","chosen","rejected","domain","chosen_level","rejected_level"}
     "Preference pairs: the chosen level's response against each other level's, for every query of `domain`."
-    _check_level(domain, level)
+    _check_level(records, domain, level)
     return [{"query": r["query"], "chosen": r["responses"][level], "rejected": r["responses"][other],
              "domain": domain, "chosen_level": level, "rejected_level": other}
-            for r in records if r["domain"] == domain for other in LEVELS if other != level]
+            for r in records if r["domain"] == domain for other in r["responses"] if other != level]
 
 # %% ../nbs/00_data.ipynb #cb58ab5d
+def level_instruction_text(level:str)->str:
+    "The instruction line that asks for `level`: the default spectrum's own wording, else a plain request."
+    return LEVEL_INSTRUCTIONS.get(level, f"Give a {level} answer.")
+
 def sft_examples(records:list, # Records in the schema
                  instruct_share:float=0.3, # Share of examples tagged with their level's instruction
                  seed:int=0, # Which examples get tagged
@@ -971,9 +1026,9 @@ def sft_examples(records:list, # Records in the schema
     "One example per (record, level); exactly `round(instruct_share * n)` of them carry their level's instruction."
     if not 0 <= instruct_share <= 1: raise AVError(f"instruct_share={instruct_share}: must be between 0 and 1")
     out = [{"query": r["query"], "response": r["responses"][l], "instruction": None, "level": l, "domain": r["domain"]}
-           for r in records for l in LEVELS]
+           for r in records for l in r["responses"]]
     for i in random.Random(seed).sample(range(len(out)), round(instruct_share * len(out))):
-        out[i]["instruction"] = LEVEL_INSTRUCTIONS[out[i]["level"]]
+        out[i]["instruction"] = level_instruction_text(out[i]["level"])
     return out
 
 # %% ../nbs/00_data.ipynb #3aa1407e
@@ -1017,7 +1072,7 @@ def generate_with_chat_model(model, # A transformers causal LM (an instruct/chat
     out, dropped, ids = [], 0, {}
     for i, it in enumerate(items):
         d = it["domain"]
-        _check_level(d, "expert")
+        if d not in DOMAINS: raise AVError(f"item {i}: domain {d!r} unknown (expected one of {', '.join(DOMAINS)})")
         query = it.get("query") or _chat(model, tokenizer, None, QUERY_PROMPT.format(domain=d, persona=it["persona"], topic=it["topic"]), **kw)
         rec = {"id": f"{id_prefix}-{i:04d}", "domain": d, "persona": it["persona"], "query": query,
                "responses": {l: _chat(model, tokenizer, LEVEL_SYSTEM_PROMPTS[l].format(domain=d), query, **kw)

@@ -18,18 +18,20 @@ import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits
 from .models import load_model
-from .train import tiny_pipelines, pipeline_metrics, records_hash, DPOConfig, run_jobs
+from .train import tiny_pipelines, pipeline_metrics, DPOConfig
+from .stages import records_hash, run_jobs, stage_key, cached_stage
 from .vectors import AlignmentVector
 from .knobs import Knobs
-from .judge import TfidfJudge, judge_accuracy, generate_answers, prompting_baseline, cost_summary
+from .judge import TfidfJudge, judge_accuracy, prompting_baseline, cost_summary
+from .scoring import generate_answers
 from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summary, plot_spectrum,
-                           leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target)
+                           leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
+                           save_figure)
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'stage_key', 'cached_stage', 'prepare_out', 'base_stage', 'vector_file',
-           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
-           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report',
-           'summary_text']
+__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file', 'dpo_stage', 'real_stage',
+           'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage', 'retrain_targets',
+           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report', 'summary_text']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -54,24 +56,6 @@ class DemoConfig:
 # A real model is ~130× the tiny one: a few queries, a short grid; no anchoring, retraining or transfer stage.
 REAL_DEMO = DemoConfig(per_domain=4, grid=(0.0, 0.5, 1.0, 1.5, 2.0), n_generate=2, md_grid=(0.0, 2.0), probes=(1.0, 2.0),
                        retrain_targets=(), n_cost=3, anchored=False, leak_lams=(1.0,), transfer_grid=())
-
-# %% ../nbs/10_demo.ipynb #816671e8
-def stage_key(*parts)->str:
-    "Short hash of JSON-able parts (settings, input hashes) and the package version."
-    return short_hash(av_nbdev.__version__, *parts)
-
-def cached_stage(folder:Path, # Where stage results live
-                 name:str, # Stage name
-                 key:str, # From `stage_key`
-                 compute, # () -> JSON-able result
-                ):
-    "The stored result of stage `name` at `key`, or compute and store it (atomically)."
-    f = Path(folder)/f"{name}-{key}.json"
-    if f.exists(): return json.loads(f.read_text())
-    res = compute()
-    f.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(f, overwrite=True) as tmp: tmp.write_text(json.dumps(res, default=float))
-    return res
 
 # %% ../nbs/10_demo.ipynb #516cca69
 MARKER = ".av-demo"
@@ -264,7 +248,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     cfg, t_start = cfg or DemoConfig(), time.perf_counter()
     workers = workers or os.cpu_count() or 1
     if model is not None:  # check the model and the settings before anything is written
-        from av_nbdev.real import base_dir
+        from av_nbdev.models import base_dir
         if cfg.anchored or cfg.retrain_targets:
             raise AVError(f"model {model}: anchored vectors and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
         real_base = base_dir(model)
@@ -274,7 +258,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
     kinds = ("plain", "anchored") if cfg.anchored else ("plain",)
-    from av_nbdev.models import cache_dir
+    from av_nbdev.core import cache_dir
     if model is None:  # pretrain and SFT here, then one stage per DPO model
         cache = Path(cache or cache_dir()/"tiny")
         shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress, fresh))
@@ -346,7 +330,6 @@ def run_demo(out:str|Path="runs/demo", # Report folder
 # %% ../nbs/10_demo.ipynb #13206a0a
 def _plots(out:Path, sweep, transfer, leaks:dict)->dict:
     "The report's PNGs; returns {caption: file name}."
-    from av_nbdev.sweep import _save
     pngs = {}
     plot_spectrum(sweep, path=out/"spectrum.png"); pngs["Preference shares (likelihood) against λ, each vector on its own domain"] = "spectrum.png"
     if sweep[sweep.metric == "judged"].level.notna().any():
@@ -356,7 +339,7 @@ def _plots(out:Path, sweep, transfer, leaks:dict)->dict:
         plot_spectrum(transfer, path=out/"transfer.png"); pngs["Transfer: the vectors applied to the pretrain-only checkpoint"] = "transfer.png"
     fig, axes = plt.subplots(1, len(leaks), figsize=(4.4 * len(leaks), 3.6), squeeze=False)
     for ax, (name, m) in zip(axes[0], leaks.items()): plot_leakage(m, name, ax=ax)
-    fig.tight_layout(); _save(fig, out/"leakage.png")
+    fig.tight_layout(); save_figure(fig, out/"leakage.png")
     plt.close("all")
     return pngs
 

@@ -15,47 +15,19 @@ from fastcore.basics import patch
 
 from .core import AVError, atomic_path, set_seed
 from .data import LEVELS, DOMAINS, LEVEL_INSTRUCTIONS, format_prompt, load_splits
-from .train import prompt_text, response_logprobs
+from .scoring import (prompt_text, response_logprobs, preference_table, table_levels, malformed_reason,
+                              generate_answers)
 
 # %% auto #0
-__all__ = ['JUDGE_LABELS', 'CLASSIFY_PROMPT', 'preference_table', 'preference_shares', 'preference_accuracy', 'Judge',
-           'malformed_reason', 'TfidfJudge', 'judge_accuracy', 'ModelJudge', 'generate_answers', 'level_instruction',
-           'prompting_baseline', 'cost_summary']
+__all__ = ['JUDGE_LABELS', 'CLASSIFY_PROMPT', 'preference_shares', 'preference_accuracy', 'Judge', 'TfidfJudge', 'judge_accuracy',
+           'ModelJudge', 'level_instruction', 'prompting_baseline', 'cost_summary']
 
-# %% ../nbs/06_judge.ipynb #d6db8d25
-def _level_scores(model, tokenizer, records:list, batch_size:int, instruction:str|None)->np.ndarray:
-    "(records, levels) array of mean per-token log-likelihoods."
-    queries = [r["query"] for r in records for _ in LEVELS]
-    responses = [r["responses"][l] for r in records for l in LEVELS]
-    instructions = None if instruction is None else [instruction] * len(queries)
-    with torch.no_grad():
-        lp = response_logprobs(model, tokenizer, queries, responses, instructions=instructions,
-                               batch_size=batch_size, reduce="mean")
-    return lp.detach().float().cpu().numpy().reshape(len(records), len(LEVELS))
-
-def preference_table(model, # A causal LM (e.g. the base with knobs set)
-                     tokenizer, # Its tokenizer
-                     records:list, # Records in the data schema (e.g. the test split)
-                     batch_size:int=32, # Sequences per forward pass
-                     instruction:str|None=None, # Optional instruction line in every prompt (prompting baseline)
-                     reference=None, # Optional reference model (same tokenizer): score the gain over it instead
-                    )->pd.DataFrame: # id, domain, topic, heldout_topic, one score column per level, preferred, margin
-    "Mean per-token log-likelihood of each level's response given the query, per record (or its gain over `reference`)."
-    if not records: raise AVError("preference_table: no records")
-    scores = _level_scores(model, tokenizer, records, batch_size, instruction)
-    if reference is not None: scores = scores - _level_scores(reference, tokenizer, records, batch_size, instruction)
-    df = pd.DataFrame(scores, columns=list(LEVELS))
-    for i, k in enumerate(("id", "domain", "topic", "heldout_topic")): df.insert(i, k, [r.get(k) for r in records])
-    top2 = np.sort(scores, axis=1)[:, -2:]
-    df["preferred"] = [LEVELS[i] for i in scores.argmax(axis=1)]
-    df["margin"] = top2[:, 1] - top2[:, 0]
-    return df
-
+# %% ../nbs/06_judge.ipynb #1fd2fc47
 def preference_shares(table:pd.DataFrame, # From `preference_table`
                      )->dict: # {level: share}, every level present
     "Share of rows preferring each level."
     c = table["preferred"].value_counts()
-    return {l: float(c.get(l, 0)) / len(table) for l in LEVELS}
+    return {l: float(c.get(l, 0)) / len(table) for l in table_levels(table)}
 
 def preference_accuracy(model, # A causal LM
                         tokenizer, # Its tokenizer
@@ -67,29 +39,13 @@ def preference_accuracy(model, # A causal LM
     "The paper's preference accuracy: per level, the share of queries that prefer it by mean log-likelihood."
     return preference_shares(preference_table(model, tokenizer, records, batch_size, instruction, reference))
 
+
 # %% ../nbs/06_judge.ipynb #4071fdac
 JUDGE_LABELS = LEVELS + ("malformed",)
 
 class Judge:
     "Interface: `judge([(query, answer), ...]) -> [label, ...]`, each label in `JUDGE_LABELS`."
     def __call__(self, pairs:list)->list[str]: raise NotImplementedError
-
-# %% ../nbs/06_judge.ipynb #05630538
-_WORD = re.compile(r"[A-Za-z0-9']+")
-
-def malformed_reason(text:str, # An answer
-                     min_words:int=4, # Fewer words than this: too short
-                     max_word_share:float=0.3, # One word above this share of all words: repetition
-                     max_repeat:float=0.2, # Share of repeated word trigrams above this: a loop
-                    )->str|None: # Which rule fired, or None when the text looks well-formed
-    "The first surface rule (length, repetition, loops) that marks `text` malformed, or None."
-    words = [w.lower() for w in _WORD.findall(text or "")]
-    if len(words) < min_words: return "too short"
-    if len(words) >= 8 and max(collections.Counter(words).values()) / len(words) > max_word_share:
-        return "one word repeated"
-    tri = list(zip(words, words[1:], words[2:]))
-    if tri and 1 - len(set(tri)) / len(tri) > max_repeat: return "looping"
-    return None
 
 # %% ../nbs/06_judge.ipynb #5d51e4fd
 class TfidfJudge(Judge):
@@ -198,48 +154,6 @@ class ModelJudge(Judge):
                                    batch_size=self.batch_size, reduce="mean")
         best = lp.float().cpu().reshape(len(pairs), len(LEVELS)).argmax(1).tolist()
         return ["malformed" if malformed_reason(a, **self.rules) else LEVELS[b] for (_, a), b in zip(pairs, best)]
-
-# %% ../nbs/06_judge.ipynb #420efc0b
-def _n_generated(ids:list, eos_id, pad_id)->int:
-    "Tokens generated up to and including the first EOS; trailing padding excluded."
-    if eos_id in ids: return ids.index(eos_id) + 1
-    while ids and ids[-1] == pad_id: ids = ids[:-1]
-    return len(ids)
-
-def generate_answers(model, # A causal LM
-                     tokenizer, # Its tokenizer
-                     queries:list, # Questions to answer
-                     instruction:str|None=None, # Optional instruction line for every prompt
-                     max_new_tokens:int=64, # Upper bound on each answer
-                     do_sample:bool=True, # Sample (True) or greedy (False)
-                     temperature:float=0.7, # Sampling temperature
-                     top_p:float=0.95, # Nucleus sampling
-                     seed:int=0, # Seed: same seed and batch size, same answers
-                     batch_size:int=16, # Prompts per `generate` call
-                    )->pd.DataFrame: # query, instruction, answer, prompt_tokens, new_tokens, seconds
-    "Sample one answer per query and record its cost (prompt tokens, generated tokens, wall seconds)."
-    set_seed(seed)
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos)
-    if do_sample: kw.update(temperature=temperature, top_p=top_p)
-    rows, side = [], tokenizer.padding_side
-    tokenizer.padding_side = "left"  # generation continues from the right edge of every prompt
-    try:
-        for i in range(0, len(queries), batch_size):
-            qs = queries[i:i + batch_size]
-            enc = tokenizer([prompt_text(tokenizer, q, instruction) for q in qs], return_tensors="pt",
-                            padding=True, add_special_tokens=False).to(model.device)
-            t0 = time.perf_counter()
-            with torch.no_grad(): out = model.generate(**enc, **kw)
-            secs = (time.perf_counter() - t0) / len(qs)
-            new = out[:, enc["input_ids"].shape[1]:].tolist()
-            for q, m, ids in zip(qs, enc["attention_mask"], new):
-                n = _n_generated(ids, eos, pad)
-                text = tokenizer.decode(ids[:n], skip_special_tokens=True).strip().split("\n")[0].strip()
-                rows.append({"query": q, "instruction": instruction, "answer": text,
-                             "prompt_tokens": int(m.sum()), "new_tokens": n, "seconds": secs})
-    finally: tokenizer.padding_side = side
-    return pd.DataFrame(rows, columns=["query", "instruction", "answer", "prompt_tokens", "new_tokens", "seconds"])
 
 # %% ../nbs/06_judge.ipynb #0fe0b401
 def level_instruction(level:str, # The level to request

@@ -4,23 +4,27 @@
 
 # %% ../nbs/05_knobs.ipynb #1591527e
 from __future__ import annotations
-import contextlib, json, math, threading
+import contextlib, json, math, threading, weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from fastcore.basics import patch
+from torch.func import functional_call
 
 from .core import AVError, atomic_dir
+from .tensorio import tied_aliases
 from .vectors import AlignmentVector, base_fingerprint, fingerprint_mismatch
 
 # %% auto #0
-__all__ = ['Knobs']
+__all__ = ['knobs_on', 'Knobs', 'BatchKnobs']
 
 # %% ../nbs/05_knobs.ipynb #ba949818
 def _params_by_name(model)->dict[str, torch.nn.Parameter]:
     "Every parameter under its checkpoint name, tied aliases included (e.g. both `lm_head.weight` and the embedding)."
-    return dict(model.named_parameters(remove_duplicate=False))
+    params = dict(model.named_parameters())
+    return params | {alias: params[kept] for alias, kept in tied_aliases(model).items() if kept in params}
 
 def _check_vector(knob:str, # Knob name, used in messages
                   av:AlignmentVector, # The vector to check
@@ -70,6 +74,14 @@ class _Target:
     base: torch.Tensor
     terms: list = field(default_factory=list)
 
+# %% ../nbs/05_knobs.ipynb #43cfb955
+_KNOBS_ON = weakref.WeakKeyDictionary()  # model -> the Knobs made on it (a WeakSet: knobs that are gone drop out)
+
+def knobs_on(model:torch.nn.Module, # A model
+            )->list:
+    "The live `Knobs` made on `model`."
+    return list(_KNOBS_ON.get(model, ()))
+
 # %% ../nbs/05_knobs.ipynb #f4b1b29f
 class Knobs:
     "Preference knobs on a loaded model: `.set(medical=0.5)` makes its weights base + Σλ·AV, in place."
@@ -87,6 +99,7 @@ class Knobs:
         self._lambdas = {k: 0.0 for k in vectors}
         self._targets, self._by_knob = self._plan(params, vectors)
         self.meta = {k: av.meta for k, av in vectors.items()}
+        _KNOBS_ON.setdefault(model, weakref.WeakSet()).add(self)
 
     def _plan(self, params, vectors):
         "Targets in model order, and for each knob the indices of the targets it touches."
@@ -192,3 +205,243 @@ def save_merged(self:Knobs,
         note = {"lambdas": self.lambdas, "vectors": self.meta}
         (tmp/"knobs.json").write_text(json.dumps(note, indent=1, default=str))
     return Path(path)
+
+# %% ../nbs/05_knobs.ipynb #8eaa5ad4
+@dataclass
+class _Site:
+    "One (module, parameter) whose output the vectors change, with their terms ready for the hook."
+    name: str # the parameter's name, for messages
+    module: torch.nn.Module
+    attr: str # the parameter's attribute on `module` ("weight", "bias")
+    kind: str # "linear", "embedding", "bias" (of a linear) or "affine" (a norm)
+    dense: list # [(knob index, ΔW in the parameter's dtype and device)]
+    A: torch.Tensor|None = None # factored terms of all knobs stacked: [Σr, in]
+    B: torch.Tensor|None = None # [out, Σr]
+    cols: torch.Tensor|None = None # the knob index of each rank column, [Σr]
+    factored_knobs: tuple = () # the knob indices among the factored terms
+
+def _site_kind(module:torch.nn.Module, attr:str, name:str)->str:
+    "How a parameter's change reaches its module's output, or `AVError` for a module per-row knobs cannot handle."
+    if isinstance(module, torch.nn.Linear): return "linear" if attr == "weight" else "bias"
+    if isinstance(module, torch.nn.Embedding) and module.max_norm is None: return "embedding"
+    if "Norm" in type(module).__name__: return "affine"
+    raise AVError(f"BatchKnobs: tensor {name} belongs to a {type(module).__name__}; per-row knobs handle "
+                  "Linear, Embedding and norm layers")
+
+def _owners(model:torch.nn.Module)->dict[int, list[tuple]]:
+    "id(parameter) -> every (module, attribute) holding it (a tied embedding has two)."
+    out = {}
+    for m in model.modules():
+        for attr, p in m.named_parameters(recurse=False): out.setdefault(id(p), []).append((m, attr))
+    return out
+
+# %% ../nbs/05_knobs.ipynb #ecce4825
+def _factors(knob:str, # Knob name, used in messages
+             av:AlignmentVector, # The vector
+             name:str, # Tensor name
+             p:torch.nn.Parameter, # The parameter it applies to
+            )->tuple|None:
+    "`(A [r, in], B [out, r])` of a factored tensor (ΔW = B·A), checked and cast to `p`'s dtype and device; None if dense."
+    if av.rank(name) is None: return None  # dense (for a lazy vector: known from the header, nothing read)
+    A, B = av.factors(name)
+    if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1] or (B.shape[0], A.shape[1]) != tuple(p.shape):
+        raise AVError(f"vector {knob!r}: factors of {name} have shapes A {tuple(A.shape)}, B {tuple(B.shape)}; "
+                      f"the model's tensor is {tuple(p.shape)}")
+    for t in (A, B):
+        if not torch.isfinite(t).all(): raise AVError(f"vector {knob!r}: factors of {name} hold NaN or Inf")
+    return A.detach().to(device=p.device, dtype=p.dtype), B.detach().to(device=p.device, dtype=p.dtype)
+
+# %% ../nbs/05_knobs.ipynb #6a06743f
+def _plan_sites(model:torch.nn.Module, # The model
+                params:dict, # Its parameters by name (`_params_by_name`)
+                vectors:dict[str, AlignmentVector], # Knob name -> vector (checked)
+               )->tuple[list[_Site], list[torch.Tensor]]:
+    "The sites the vectors touch, and every vector tensor they hold (each once, for `memory`)."
+    terms = {}  # id(param) -> (name, param, [(knob index, dense ΔW or (A, B))])
+    for d, (k, av) in enumerate(vectors.items()):
+        for n in av.names():
+            p = params[n]
+            _, _, ts = terms.setdefault(id(p), (n, p, []))
+            if any(dd == d for dd, _ in ts): continue  # the same vector named via a tied alias
+            ts.append((d, _factors(k, av, n, p) or _vector_tensor(k, n, av[n], p)))
+    owners, sites, held = _owners(model), [], []
+    for pid, (n, p, ts) in terms.items():
+        fac = [(d, t) for d, t in ts if isinstance(t, tuple)]
+        dense = [(d, t) for d, t in ts if not isinstance(t, tuple)]
+        stacked = None
+        if fac:
+            A = torch.cat([a for _, (a, _) in fac]); B = torch.cat([b for _, (_, b) in fac], dim=1)
+            cols = torch.cat([torch.full((a.shape[0],), d, dtype=torch.long) for d, (a, _) in fac]).to(p.device)
+            stacked = (A, B, cols, tuple(d for d, _ in fac))
+        held += [t for _, t in dense] + ([stacked[0], stacked[1]] if fac else [])
+        for m, attr in owners[pid]:
+            kind = _site_kind(m, attr, n)
+            if kind in ("linear", "embedding") or not fac:
+                sites.append(_Site(n, m, attr, kind, dense, *(stacked or ())))
+            else:  # a 1-D or norm parameter given factored: its (small) dense product serves
+                sites.append(_Site(n, m, attr, kind, dense + [(d, (b @ a).reshape(p.shape)) for d, (a, b) in fac]))
+    return sites, held
+
+# %% ../nbs/05_knobs.ipynb #2d2e6a2a
+@dataclass
+class _Rows:
+    "One call's per-row λs: a [rows, knobs] fp32 tensor, and per knob the rows where it is non-zero."
+    lam: torch.Tensor
+    active: list # per knob: None (no row), slice(None) (every row) or a LongTensor of row indices
+
+def _row_lambdas(lambdas:list, # One dict of knob values per request
+                 knobs:list[str], # The knob names, in order
+                 n_rows:int, # The batch size
+                 repeat:int=1, # Rows per request (beams, num_return_sequences)
+                 device=None, # Where the model runs
+                )->_Rows:
+    "Checked per-row λs as a `_Rows`, or `AVError` naming the request."
+    if not isinstance(lambdas, (list, tuple)):
+        raise AVError(f"lambdas: expected a list of one dict per row, got {type(lambdas).__name__}")
+    if len(lambdas) != n_rows: raise AVError(f"lambdas: {len(lambdas)} settings for a batch of {n_rows} rows")
+    rows = []
+    for i, lam in enumerate(lambdas):
+        if not isinstance(lam, dict): raise AVError(f"lambdas[{i}]: expected a dict of knob values, got {type(lam).__name__}")
+        try: rows.append(_checked_lambdas(lam, knobs))
+        except AVError as e: raise AVError(f"lambdas[{i}]: {e}") from None
+    lam = torch.tensor([[r.get(k, 0.0) for k in knobs] for r in rows], dtype=torch.float32).reshape(n_rows, len(knobs))
+    lam = lam.repeat_interleave(repeat, dim=0)
+    active = []
+    for d in range(len(knobs)):
+        idx = lam[:, d].nonzero().squeeze(1)  # found on the CPU: hooks never wait on the device for it
+        active.append(None if not idx.numel() else slice(None) if idx.numel() == lam.shape[0] else idx.to(device))
+    return _Rows(lam.to(device), active)
+
+# %% ../nbs/05_knobs.ipynb #94f46e70
+def _scaled(t:torch.Tensor, # [rows, ..., c] (or [rows, ...] when `lam` is 1-D)
+            lam:torch.Tensor, # fp32 [rows] or [rows, c]
+           )->torch.Tensor:
+    "`t` times its row's λ (per column when `lam` is 2-D), multiplied in fp32 so a λ is not rounded to bf16."
+    lam = lam.view(lam.shape[0], *[1] * (t.dim() - lam.dim()), *lam.shape[1:])
+    return t * lam if t.dtype == torch.float32 else (t.float() * lam).to(t.dtype)
+
+def _dense_term(site:_Site, x:torch.Tensor, delta:torch.Tensor, guard)->torch.Tensor:
+    "The module's output change for input rows `x` if its parameter moved by `delta` (λ = 1)."
+    if site.kind == "linear": return F.linear(x, delta)
+    if site.kind == "embedding": return F.embedding(x, delta)
+    if site.kind == "bias": return delta.expand(*x.shape[:-1], delta.shape[-1])
+    with guard():  # an affine module: f(x; ΔW) − f(x; 0), run through the module itself
+        return (functional_call(site.module, {site.attr: delta}, (x,))
+                - functional_call(site.module, {site.attr: torch.zeros_like(delta)}, (x,)))
+
+def _site_delta(site:_Site, # Where
+                x:torch.Tensor, # The module's input (ids for an embedding)
+                out:torch.Tensor, # Its output at the base weights
+                rows:_Rows, # This call's λs
+                guard, # Context manager that keeps the hooks out of `_dense_term`'s own module calls
+               )->torch.Tensor|None:
+    "Σ_d λ_{row,d}·(output change from vector d) for every row, or None when no row's λ touches this site."
+    acc = None
+    if site.A is not None and any(rows.active[d] is not None for d in site.factored_knobs):
+        lam = rows.lam[:, site.cols]  # [rows, Σr]: each rank column scaled by its knob's λ in that row
+        if site.kind == "linear": acc = F.linear(_scaled(F.linear(x, site.A), lam), site.B)
+        else: acc = _scaled(F.embedding(x, site.B), lam) @ site.A
+    for d, delta in site.dense:
+        idx = rows.active[d]
+        if idx is None: continue
+        every = isinstance(idx, slice)
+        term = _scaled(_dense_term(site, x if every else x.index_select(0, idx), delta, guard), rows.lam[idx, d])
+        if acc is None: acc = torch.zeros_like(out)
+        if every: acc += term
+        else: acc.index_add_(0, idx, term)
+    return acc
+
+# %% ../nbs/05_knobs.ipynb #178cf634
+def _refuse_moved_knobs(model:torch.nn.Module):
+    "`AVError` unless every `Knobs` on `model` is at zero (its weights are the base)."
+    moved = {k: v for kn in knobs_on(model) for k, v in kn.lambdas.items() if v != 0.0}
+    if moved: raise AVError("BatchKnobs: the model's Knobs are set (" + ", ".join(f"{k}={v:g}" for k, v in moved.items())
+                            + "); reset() them first, per-row λs apply to the base weights")
+
+def _expansion(model, generate_kwargs:dict)->int:
+    "Rows `generate` makes per request: max(num_beams, num_return_sequences), as transformers expands them."
+    cfg = generate_kwargs.get("generation_config") or model.generation_config
+    get = lambda k: generate_kwargs.get(k, getattr(cfg, k, None)) or 1
+    return max(get("num_beams"), get("num_return_sequences"))
+
+class BatchKnobs:
+    "Per-request knobs: one forward pass over a batch in which row i runs at θ_base + Σ_d λ_{i,d}·AV_d."
+    def __init__(self,
+                 model:torch.nn.Module, # A loaded transformers model at its base weights (CPU or CUDA)
+                 vectors:dict[str, AlignmentVector], # Knob name -> vector extracted from this base (dense or factored)
+                 allow_transfer:bool=False, # Apply vectors from another base when names and shapes match?
+                ):
+        _refuse_moved_knobs(model)
+        self.model, self.knobs, self.lock = model, list(vectors), threading.RLock()
+        params = _params_by_name(model)
+        model_fp = None if allow_transfer else base_fingerprint(model)
+        for k, av in vectors.items(): _check_vector(k, av, params, model_fp)
+        self._sites, self._held = _plan_sites(model, params, vectors)
+        self._rows, self._inside = None, False
+        self.device = next(model.parameters()).device
+
+    def __repr__(self):
+        kinds = sorted({s.kind + (" factored" if s.A is not None else "") for s in self._sites})
+        return f"BatchKnobs({', '.join(self.knobs)}; {len(self._sites)} module parameters: {', '.join(kinds)})"
+
+    @contextlib.contextmanager
+    def _guard(self):
+        "Inside: the hooks let module calls through untouched (the affine term runs the module itself)."
+        self._inside = True
+        try: yield
+        finally: self._inside = False
+
+    def _hook(self, site:_Site):
+        def hook(module, args, kwargs, out):
+            if self._inside: return None
+            x = args[0] if args else next(iter(kwargs.values()))
+            if x.shape[0] != self._rows.lam.shape[0]:
+                raise AVError(f"BatchKnobs: {site.name} saw a batch of {x.shape[0]} rows, λs were given for "
+                              f"{self._rows.lam.shape[0]}")
+            delta = _site_delta(site, x, out, self._rows, self._guard)
+            return None if delta is None else out + delta
+        return hook
+
+    @contextlib.contextmanager
+    def _applied(self, rows:_Rows):
+        "Hooks in place for one call, holding the model's `Knobs` locks so none moves meanwhile; always removed."
+        with self.lock, contextlib.ExitStack() as stack:
+            for kn in knobs_on(self.model): stack.enter_context(kn.lock)
+            _refuse_moved_knobs(self.model)
+            handles = []
+            try:
+                self._rows = rows
+                for s in self._sites: handles.append(s.module.register_forward_hook(self._hook(s), with_kwargs=True))
+                yield
+            finally:
+                for h in handles: h.remove()
+                self._rows = None
+
+# %% ../nbs/05_knobs.ipynb #b529183a
+@patch
+def __call__(self:BatchKnobs,
+             input_ids:torch.Tensor, # [batch, seq] token ids
+             attention_mask:torch.Tensor|None=None, # [batch, seq], as for the model
+             *, lambdas:list[dict], # One {knob: λ} per row; missing knobs are 0
+             **forward_kwargs, # Passed to the model's forward
+            ):
+    "The model's output for the batch, row i computed at its own λs."
+    rows = _row_lambdas(lambdas, self.knobs, input_ids.shape[0], device=self.device)
+    with self._applied(rows): return self.model(input_ids=input_ids, attention_mask=attention_mask, **forward_kwargs)
+
+@patch
+def generate(self:BatchKnobs,
+             input_ids:torch.Tensor, # [batch, seq] prompt ids
+             *, lambdas:list[dict], # One {knob: λ} per prompt, repeated for its beams / returned sequences
+             **generate_kwargs, # Passed to `model.generate` (attention_mask, max_new_tokens, num_beams, ...)
+            ):
+    "`model.generate` with each prompt's rows at that prompt's λs (the KV-cache keeps the rows in order)."
+    repeat = _expansion(self.model, generate_kwargs)
+    rows = _row_lambdas(lambdas, self.knobs, input_ids.shape[0], repeat, self.device)
+    with self._applied(rows): return self.model.generate(input_ids, **generate_kwargs)
+
+
+@patch
+def memory(self:BatchKnobs)->dict[str, int]:
+    "Bytes held: the vectors' tensors in the model's dtype (`vectors`); no weight is copied."
+    return {"vectors": sum(t.numel() * t.element_size() for t in self._held)}

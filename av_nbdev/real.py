@@ -10,42 +10,15 @@ from pathlib import Path
 import torch
 
 import av_nbdev
-from .core import AVError, short_hash
+from .core import AVError, build_once, cache_dir, short_hash
 from .data import DOMAINS, load_splits
-from .models import cache_dir, load_model, save_checkpoint, smollm2_path
-from .train import DPOConfig, dpo, build_pairs, reward_accuracy, records_hash, _cached, _write_csv, _write_json
+from .models import base_dir, load_model, save_checkpoint
+from .stages import records_hash, write_csv, write_json
+from .train import DPOConfig, dpo, build_pairs, reward_accuracy
 from .vectors import base_fingerprint
 
 # %% auto #0
-__all__ = ['SMOLLM2_DIR', 'REAL_DPO', 'gguf_dir', 'base_dir', 'param_counts', 'freeze_embeddings_', 'base_identity',
-           'sample_pairs', 'real_pipeline']
-
-# %% ../nbs/11_real.ipynb #41ce64cd
-SMOLLM2_DIR = "smollm2-135m-instruct-fp32"  # the folder name `models.smollm2_dir` uses, so both share one conversion
-
-def gguf_dir(gguf:str|Path, # A `.gguf` model file
-             cache:str|Path|None=None, # Cache folder; default `cache_dir()`
-             name:str|None=None, # Folder name in the cache; default `<file stem>-fp32`
-             max_shard_size:str="200MB", # Shard size of the converted checkpoint
-            )->Path: # HF folder with the dequantized weights in fp32
-    "Convert a GGUF file once (under a lock) into an fp32 HF folder in the cache and return its path."
-    gguf = Path(gguf).expanduser()
-    if gguf.suffix.lower() != ".gguf" or not gguf.is_file(): raise AVError(f"{gguf}: GGUF file not found")
-    out = Path(cache or cache_dir())/(name or f"{gguf.stem}-fp32")
-    return _cached(out, lambda out: save_checkpoint(*load_model(gguf), out, max_shard_size=max_shard_size))
-
-def base_dir(model:str|Path, # "smollm2", a `.gguf` file, or an HF model folder
-             cache:str|Path|None=None, # Where GGUF conversions are kept; default `cache_dir()`
-            )->Path: # An HF folder that `load_model` and `AlignmentVector.extract` read
-    "The HF folder of a base model: the packaged SmolLM2, a GGUF file converted once, or a folder as it is."
-    if str(model).lower() == "smollm2":  # a converted copy serves even without the package
-        out = Path(cache or cache_dir())/SMOLLM2_DIR
-        return out if (out/"config.json").is_file() else gguf_dir(smollm2_path(), cache, SMOLLM2_DIR)
-    p = Path(model).expanduser()
-    if p.suffix.lower() == ".gguf": return gguf_dir(p, cache)
-    if (p/"config.json").is_file(): return p
-    why = "no such file or folder" if not p.exists() else "not a .gguf file nor a model folder with config.json"
-    raise AVError(f"{p}: {why} (expected 'smollm2', a .gguf file or an HF model folder)")
+__all__ = ['REAL_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity', 'sample_pairs', 'real_pipeline']
 
 # %% ../nbs/11_real.ipynb #1d952350
 REAL_DPO = DPOConfig(beta=0.1, steps=16, batch_size=4, lr=1e-5, warmup=2, max_length=256, stop_margin=15.0)
@@ -87,8 +60,8 @@ def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, 
     key = short_hash("real-dpo", base.name, ident, records_hash(data["train"]), records_hash(data["test"]), domain,
                      level, n_pairs, n_heldout, dataclasses.asdict(cfg), freeze, av_nbdev.__version__)
     def build(out):
-        reference, tok = load_model(base, device=device)
-        policy, _ = load_model(base, device=device)
+        reference, tok = load_model(base, device=device, dtype=torch.float32)
+        policy, _ = load_model(base, device=device, dtype=torch.float32)
         counts = freeze_embeddings_(policy) if freeze else param_counts(policy)
         t0 = time.perf_counter()
         log = dpo(policy, reference, tok, sample_pairs(data["train"], domain, level, n_pairs, cfg.seed), cfg, progress=progress)
@@ -100,10 +73,10 @@ def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, 
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
                    "heldout_reward_accuracy": held["reward_accuracy"], "heldout_margin": held["margin"],
                    "heldout_pairs": held["pairs"]}
-        _write_csv(root/f"{out.name}.log.csv", log)
-        _write_json(root/f"{out.name}.metrics.json", metrics)
+        write_csv(root/f"{out.name}.log.csv", log)
+        write_json(root/f"{out.name}.metrics.json", metrics)
         return save_checkpoint(policy, tok, out, overwrite=True)
-    return _cached(root/f"dpo-{domain}-{level}-{key}", build, refresh)
+    return build_once(root/f"dpo-{domain}-{level}-{key}", build, refresh)
 
 def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
                   out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"real"`

@@ -17,13 +17,13 @@ import seaborn as sns
 
 from .core import AVError, atomic_path
 from .data import DOMAINS, LEVELS
-from .judge import preference_table, generate_answers, JUDGE_LABELS
-from .train import answer_problem
+from .judge import JUDGE_LABELS
+from .scoring import preference_table, generate_answers, answer_problem
 
 # %% auto #0
 __all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'lambda_sweep', 'spectrum_summary',
-           'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'target_score', 'grid_search',
-           'probe_curves', 'surrogate_shares', 'surrogate_search', 'retrain_target']
+           'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'target_score',
+           'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -127,7 +127,9 @@ def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several k
 # %% ../nbs/07_sweep.ipynb #f41a7317
 LEVEL_COLORS = {"avoidance": "#c44e52", "generic": "#8c8c8c", "expert": "#4c72b0", "malformed": "#dd8452"}
 
-def _save(fig, path):
+def save_figure(fig, # A matplotlib figure
+                path:str|Path|None, # PNG file (None: nothing is written)
+               ):
     "Save `fig` as PNG atomically (a plot is replaced on purpose: it is derived output)."
     if path is None: return
     with atomic_path(path, overwrite=True) as tmp: fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
@@ -150,7 +152,7 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
     axes[0][0].set_ylabel(f"share ({metric})")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
     return fig
 
 # %% ../nbs/07_sweep.ipynb #93e3c894
@@ -185,7 +187,7 @@ def plot_leakage(matrix:pd.DataFrame, # From `leakage_matrix`
     if ax is None: fig, ax = plt.subplots(figsize=(4.2, 3.4))
     sns.heatmap(matrix, annot=True, fmt="+.2f", cmap="RdBu_r", center=0, vmin=-1, vmax=1, ax=ax, cbar=fig is not None)
     ax.set(xlabel="evaluated on", ylabel="vector", title=title or "expert share shift, λ=0 → 1")
-    if fig is not None: fig.tight_layout(); _save(fig, path)
+    if fig is not None: fig.tight_layout(); save_figure(fig, path)
     return ax.figure
 
 # %% ../nbs/07_sweep.ipynb #e7851748
@@ -300,8 +302,8 @@ def retrain_target(base_dir:str|Path, # The SFT base checkpoint
     from av_nbdev.train import dpo, DPOConfig
     from av_nbdev.models import load_model
     t0 = time.perf_counter()
-    reference, tok = load_model(base_dir)
-    policy, _ = load_model(base_dir)
+    reference, tok = load_model(base_dir, dtype=torch.float32)
+    policy, _ = load_model(base_dir, dtype=torch.float32)
     pairs = [p for d in DOMAINS for p in dpo_pairs(train_records, d, target[d])]
     dpo(policy, reference, tok, pairs, dpo_cfg or DPOConfig(), progress=False)
     seconds = time.perf_counter() - t0

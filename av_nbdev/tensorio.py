@@ -4,7 +4,7 @@
 
 # %% ../nbs/02a_tensorio.ipynb #684d88ab
 from __future__ import annotations
-import os, json, struct, shutil, tempfile
+import os, json, math, re, struct, shutil, tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
@@ -12,11 +12,12 @@ from typing import Iterable, Iterator
 import torch
 from safetensors import safe_open
 
-from .core import AVError, check_new_path, _fsync_dir
+from .core import AVError, check_new_path, fsync_dir
 
 # %% auto #0
-__all__ = ['DTYPES', 'DTYPE_NAMES', 'TensorInfo', 'read_header', 'CheckpointReader', 'parse_size', 'ShardWriter', 'rss_mb',
-           'dedup_state_dict', 'StateDictReader', 'open_tensors']
+__all__ = ['DTYPES', 'DTYPE_NAMES', 'ADAPTER_CONFIG', 'ADAPTER_WEIGHTS', 'PEFT_PREFIX', 'TensorInfo', 'read_header',
+           'CheckpointReader', 'parse_size', 'ShardWriter', 'rss_mb', 'tied_aliases', 'dedup_state_dict',
+           'StateDictReader', 'open_tensors', 'is_lora_adapter', 'pattern_value', 'LoraModule', 'LoraAdapter']
 
 # %% ../nbs/02a_tensorio.ipynb #b90e5434
 DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
@@ -231,7 +232,7 @@ class ShardWriter:
             with open(self.tmp/f"{self.prefix}.safetensors.index.json", "w") as f:
                 json.dump(index, f, indent=2); f.flush(); os.fsync(f.fileno())
         src = self.tmp/f"{self.prefix}.safetensors" if (self.single_file and n == 1) else self.tmp
-        _fsync_dir(self.tmp)
+        fsync_dir(self.tmp)
         self._commit(src)
         self.done = True
         return self.path
@@ -243,7 +244,7 @@ class ShardWriter:
             old = self.path.with_name(f".{self.path.name}.old")
             _remove(old); os.replace(self.path, old)
         os.replace(src, self.path)
-        _fsync_dir(self.path.parent)
+        fsync_dir(self.path.parent)
         if old is not None: _remove(old)
         _remove(self.tmp)
 
@@ -270,15 +271,40 @@ def rss_mb()->float:
     with open("/proc/self/statm") as f: return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 # %% ../nbs/02a_tensorio.ipynb #63639d69
+def _storage_key(t:torch.Tensor):
+    "What two aliases of one tensor share: device, storage, offset and shape (None for an empty tensor)."
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
+
+def _folder_aliases(reader)->dict[str, str]:
+    "`{'lm_head.weight': embedding name}` when the folder's config ties them and the file holds both anyway."
+    path = getattr(reader, "path", None)
+    if path is None or "lm_head.weight" not in reader: return {}
+    try: tie = json.loads(((path if path.is_dir() else path.parent)/"config.json").read_text()).get("tie_word_embeddings", False)
+    except (OSError, ValueError): tie = False
+    shape = reader.shape("lm_head.weight")
+    same = [n for n in reader.names() if n != "lm_head.weight" and reader.shape(n) == shape]
+    kept = next((n for n in same if "embed" in n or "wte" in n), same[0] if same else None)
+    return {"lm_head.weight": kept} if tie and kept else {}
+
+def tied_aliases(source, # nn.Module, state dict, or a reader (a folder's config decides there)
+                )->dict[str, str]:
+    "Tied weights as `{alias: name kept}`: in memory, later names of one storage; in a folder, a tied `lm_head.weight` saved anyway."
+    if not isinstance(source, (torch.nn.Module, dict)): return _folder_aliases(source)
+    sd = source.state_dict() if isinstance(source, torch.nn.Module) else source
+    first, out = {}, {}
+    for name, t in sd.items():
+        key = _storage_key(t)
+        if key is None: continue
+        if key in first: out[name] = first[key]
+        else: first[key] = name
+    return out
+
 def dedup_state_dict(model:torch.nn.Module, # Any module
                     )->dict[str, torch.Tensor]:
-    "`model.state_dict()` without aliases: a tensor sharing storage, offset and shape with an earlier one is dropped."
-    seen, out = set(), {}
-    for name, t in model.state_dict().items():
-        key = (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape)) if t.numel() else None
-        if key is not None and key in seen: continue
-        seen.add(key); out[name] = t
-    return out
+    "`model.state_dict()` without aliases: each tied weight once, under its first name (as `save_pretrained` keeps it)."
+    sd = model.state_dict()
+    aliases = tied_aliases(sd)
+    return {n: t for n, t in sd.items() if n not in aliases}
 
 class StateDictReader:
     "The `CheckpointReader` interface over a model (or a dict of tensors) in memory."
@@ -308,3 +334,114 @@ def open_tensors(x:str|Path|torch.nn.Module|dict|CheckpointReader|StateDictReade
     if isinstance(x, (CheckpointReader, StateDictReader)): return x
     if isinstance(x, (torch.nn.Module, dict)): return StateDictReader(x)
     return CheckpointReader(x)
+
+# %% ../nbs/02a_tensorio.ipynb #47fd9f20
+ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX = "adapter_config.json", "adapter_model.safetensors", "base_model.model."
+_NOT_PLAIN = {"use_dora": "DoRA (use_dora)", "lora_bias": "LoRA biases (lora_bias)",
+              "layer_replication": "layer replication (layer_replication)", "target_parameters": "LoRA on raw parameters (target_parameters)",
+              "alora_invocation_tokens": "activated LoRA (alora_invocation_tokens)", "use_qalora": "QA-LoRA (use_qalora)",
+              "trainable_token_indices": "trainable tokens (trainable_token_indices)"}
+
+def is_lora_adapter(path, # Anything `extract` may be given as the aligned side
+                   )->bool:
+    "Is `path` a PEFT adapter folder (it holds `adapter_config.json`)?"
+    return isinstance(path, (str, Path)) and (Path(path)/ADAPTER_CONFIG).is_file()
+
+def pattern_value(patterns:dict, # rank_pattern or alpha_pattern: {regex of a module name: value}
+                  module:str, # Module name in the base model, e.g. model.layers.0.self_attn.q_proj
+                  default, # The config's r or lora_alpha
+                 ):
+    "The value PEFT uses for `module`: the first pattern matching its name's tail, else `default`."
+    for key in patterns or {}:
+        if re.match(rf"(.*\.)?({key})$", module): return patterns[key]
+    return default
+
+@dataclass(frozen=True)
+class LoraModule:
+    "One adapted module: the base tensor it changes, the saved keys of A and B, its rank, scale and layout."
+    name: str  # base tensor, e.g. model.layers.0.self_attn.q_proj.weight
+    a_key: str
+    b_key: str
+    rank: int
+    scale: float
+    transposed: bool  # ΔW = (B·A)ᵀ·scale: embeddings and fan_in_fan_out layers
+
+# %% ../nbs/02a_tensorio.ipynb #b7e0366d
+class LoraAdapter:
+    "A PEFT LoRA adapter folder: checked config, and per base tensor its LoRA factors or its saved full value."
+    def __init__(self, path:str|Path, # Folder with adapter_config.json and adapter_model.safetensors
+                ):
+        self.path = Path(path)
+        self.config = self._read_config()
+        if not (self.path/ADAPTER_WEIGHTS).is_file():
+            pickled = (self.path/"adapter_model.bin").is_file()
+            raise AVError(f"{self.path}: no {ADAPTER_WEIGHTS}" + ("; only adapter_model.bin (pickle), which av_nbdev never unpickles" if pickled else ""))
+        self.weights = CheckpointReader(self.path/ADAPTER_WEIGHTS)
+        self.modules, self.full = self._index_keys()
+
+    def _read_config(self)->dict:
+        try: cfg = json.loads((self.path/ADAPTER_CONFIG).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e: raise AVError(f"{self.path/ADAPTER_CONFIG}: cannot read ({e})") from None
+        if not isinstance(cfg, dict): raise AVError(f"{self.path/ADAPTER_CONFIG}: not a JSON object")
+        kind = cfg.get("peft_type")
+        if kind != "LORA": raise AVError(f"{self.path}: a {kind} adapter, not LoRA; only plain LoRA adapters can become a vector")
+        for key, what in _NOT_PLAIN.items():
+            if cfg.get(key): raise AVError(f"{self.path}: uses {what}, which is not plain LoRA; only plain LoRA adapters can become a vector")
+        return cfg
+
+    def _index_keys(self)->tuple[dict, dict]:
+        "Sort the saved keys into LoRA modules (by base tensor name) and tensors saved whole (by base tensor name)."
+        keys, modules, full = set(self.weights.names()), {}, {}
+        for key in sorted(keys):
+            if not key.startswith(PEFT_PREFIX): raise AVError(f"{self.weights.path}: key {key!r} does not start with {PEFT_PREFIX!r}; not a PEFT adapter")
+            inner = key[len(PEFT_PREFIX):]
+            for a_tail, b_tail, transposed in ((".lora_A.weight", ".lora_B.weight", bool(self.config.get("fan_in_fan_out"))),
+                                               (".lora_embedding_A", ".lora_embedding_B", True)):
+                if inner.endswith(a_tail):
+                    module = inner.removesuffix(a_tail)
+                    modules[f"{module}.weight"] = self._module(module, key, PEFT_PREFIX + module + b_tail, transposed, keys)
+                    break
+            else:
+                if not inner.endswith((".lora_B.weight", ".lora_embedding_B")):
+                    full[inner.replace(".base_layer.", ".")] = key  # modules_to_save, trained biases, saved embedding layers
+        return modules, full
+
+    def _module(self, module:str, a_key:str, b_key:str, transposed:bool, keys:set)->LoraModule:
+        if b_key not in keys: raise AVError(f"{self.weights.path}: {a_key!r} has no matching {b_key!r}")
+        r = int(pattern_value(self.config.get("rank_pattern"), module, self.config.get("r", 8)))
+        alpha = float(pattern_value(self.config.get("alpha_pattern"), module, self.config.get("lora_alpha", 8)))
+        sa, sb = self.weights.shape(a_key), self.weights.shape(b_key)
+        if len(sa) != 2 or len(sb) != 2 or sa[0] != r or sb[1] != r:
+            raise AVError(f"{self.weights.path}: module {module}: factors {tuple(sa)} and {tuple(sb)} do not have the configured rank {r}")
+        scale = alpha / math.sqrt(r) if self.config.get("use_rslora") else alpha / r
+        return LoraModule(f"{module}.weight", a_key, b_key, r, scale, transposed)
+
+    def names(self)->list[str]: return list(dict.fromkeys([*self.modules, *self.full]))
+    def __repr__(self): return f"LoraAdapter({str(self.path)!r}: {len(self.modules)} LoRA modules, {len(self.full)} full tensors)"
+
+    def factors(self, name:str, # A base tensor an adapted module changes
+               )->tuple[torch.Tensor, torch.Tensor]:
+        "`(A, B)` in fp32 with ΔW = B @ A in the base tensor's layout, the scale folded into B."
+        m = self.modules[name]
+        a, b = self.weights.get(m.a_key).float(), self.weights.get(m.b_key).float()
+        return (b.T.contiguous(), a.T.mul(m.scale).contiguous()) if m.transposed else (a, b.mul(m.scale))
+
+    def full_tensor(self, name:str)->torch.Tensor:
+        "The value a tensor saved whole (e.g. in `modules_to_save`) takes in the fine-tuned model."
+        return self.weights.get(self.full[name])
+
+    def shape(self, name:str)->tuple:
+        "The shape of the base tensor `name` changes, from the saved tensors' headers."
+        if name in self.full: return tuple(self.weights.shape(self.full[name]))
+        m = self.modules[name]
+        sa, sb = self.weights.shape(m.a_key), self.weights.shape(m.b_key)
+        return (sa[1], sb[0]) if m.transposed else (sb[0], sa[1])
+
+    def check_base(self, base, # Reader of the base the adapter was trained on
+                  ):
+        "`AVError` naming the folder unless every adapted or saved tensor is a base tensor of the same shape."
+        missing = [n for n in self.names() if n not in base]
+        if missing: raise AVError(f"{self.path}: {len(missing)} adapter tensor(s) match no tensor of the base {base.where(missing[0])}: "
+                                  + ", ".join(missing[:3]) + (" …" if len(missing) > 3 else "") + " (another base model?)")
+        bad = [f"{n} {self.shape(n)} vs {tuple(base.shape(n))}" for n in self.names() if self.shape(n) != tuple(base.shape(n))]
+        if bad: raise AVError(f"{self.path}: shapes differ from the base in {len(bad)} tensor(s): " + ", ".join(bad[:3]))

@@ -13,204 +13,17 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import AVError, atomic_path, set_seed, short_hash
-from .data import DOMAINS, LEVELS, format_prompt, dpo_pairs, sft_examples, load_splits
-from .models import (TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model,
-                             cache_dir)
+from .core import AVError, build_once, cache_dir, set_seed, short_hash
+from .data import dpo_pairs, sft_examples, load_splits, domains_of, levels_of
+from .models import TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model
+from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, preference_table, well_formed,
+                              model_device, to_device, chunks)
+from .stages import records_hash, write_json, write_csv, run_jobs, threads
 
 # %% auto #0
-__all__ = ['PACKED_MODEL_TYPES', 'TRAIN_PASS', 'PRETRAIN', 'SFT', 'prompt_text', 'response_text', 'encode', 'encode_texts',
-           'sequence_logprobs', 'response_logprob_sums', 'response_logprobs', 'SFTConfig', 'train_loop', 'by_query',
-           'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference',
-           'build_pairs', 'answer_problem', 'well_formed', 'records_hash', 'run_jobs', 'tiny_pipelines',
-           'tiny_pipeline', 'pipeline_metrics']
-
-# %% ../nbs/02_train.ipynb #ae1ba2da
-def prompt_text(tokenizer, # The model's tokenizer
-                query:str, # The question
-                instruction:str|None=None, # Optional instruction line (prompting baseline, tagged SFT examples)
-               )->str:
-    "The generation prompt: `format_prompt`, wrapped in the chat template when the tokenizer has one, else after BOS."
-    p = format_prompt(query, instruction)
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + p
-
-def response_text(tokenizer, # The model's tokenizer
-                  response:str, # The answer
-                 )->str:
-    "The answer as it follows the prompt: after one space (plain prompts), then EOS."
-    sep = "" if getattr(tokenizer, "chat_template", None) else " "
-    return sep + response.strip() + (tokenizer.eos_token or "")
-
-# %% ../nbs/02_train.ipynb #9ab84edb
-def _pad(rows:list, # (token ids, mask) per sequence
-         pad_id:int, # Padding token id
-        )->dict:
-    "Right-pad sequences into a batch dict: input_ids, attention_mask, response_mask."
-    T = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    att, resp = torch.zeros(len(rows), T, dtype=torch.long), torch.zeros(len(rows), T, dtype=torch.long)
-    for i, (x, m) in enumerate(rows):
-        ids[i, :len(x)], att[i, :len(x)], resp[i, :len(x)] = torch.tensor(x), 1, torch.tensor(m)
-    return {"input_ids": ids, "attention_mask": att, "response_mask": resp}
-
-def _ids(tokenizer, text:str)->list: return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-def _pad_id(tokenizer)->int:
-    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-
-def encode(tokenizer, # The model's tokenizer
-           queries:list, # Questions
-           responses:list, # Answers, one per question
-           instructions:list|None=None, # Optional instruction per question (None entries allowed)
-           max_length:int=512, # Longer sequences are cut at the end
-          )->dict: # input_ids, attention_mask, response_mask (1 on response tokens), all (batch, length)
-    "Tokenize prompt + response pairs into a right-padded batch with a mask over the response tokens."
-    if len(queries) != len(responses): raise AVError(f"encode: {len(queries)} queries but {len(responses)} responses")
-    return _pad(_pair_rows(tokenizer, queries, responses, instructions, max_length), _pad_id(tokenizer))
-
-def _pair_rows(tokenizer, queries:list, responses:list, instructions:list|None, max_length:int)->list:
-    "(token ids, response mask) of each prompt + response, cut at `max_length`."
-    instructions = instructions or [None] * len(queries)
-    rows = []
-    for q, r, ins in zip(queries, responses, instructions):
-        p, a = _ids(tokenizer, prompt_text(tokenizer, q, ins)), _ids(tokenizer, response_text(tokenizer, r))
-        rows.append(((p + a)[:max_length], ([0] * len(p) + [1] * len(a))[:max_length]))
-    return rows
-
-def encode_texts(tokenizer, # The model's tokenizer
-                 texts:list, # Raw documents
-                 max_length:int=512, # Longer documents are cut at the end
-                )->dict: # Same keys as `encode`; every token after BOS counts
-    "Tokenize raw documents (BOS + text + EOS) for plain causal language modelling."
-    rows = []
-    for t in texts:
-        x = _ids(tokenizer, (tokenizer.bos_token or "") + t + (tokenizer.eos_token or ""))[:max_length]
-        rows.append((x, [0] + [1] * (len(x) - 1)))
-    return _pad(rows, _pad_id(tokenizer))
-
-# %% ../nbs/02_train.ipynb #91a9a0f5
-def sequence_logprobs(model, # A causal LM
-                      batch:dict, # From `encode` (on the model's device)
-                     )->tuple: # (sum of response-token log-probs, number of response tokens), each (batch,)
-    "Summed log-probability of the masked response tokens of each sequence, with gradients."
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].float()
-    target, mask = batch["input_ids"][:, 1:], batch["response_mask"][:, 1:].float()
-    lp = logits.gather(-1, target[..., None]).squeeze(-1) - logits.logsumexp(-1)
-    return (lp * mask).sum(-1), mask.sum(-1)
-
-def _device(model): return next(model.parameters()).device
-
-def _to(batch:dict, device)->dict: return {k: v.to(device) for k, v in batch.items()}
-
-# %% ../nbs/02_train.ipynb #s3share02
-PACKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")  # logits = lm_head(hidden); 4D masks and position ids honoured
-
-def _shared_rows(tokenizer, queries:list, responses:list, instructions:list|None, max_length:int, max_row:int)->list:
-    "Rows (prompt ids, [(response ids, output indices), ...]): a prompt once, then its distinct responses, ≤ `max_row` tokens."
-    instructions = instructions or [None] * len(queries)
-    groups = {}
-    for i, key in enumerate(zip(queries, instructions)): groups.setdefault(key, []).append(i)
-    rows = []
-    for (q, ins), idx in groups.items():
-        p, row = _ids(tokenizer, prompt_text(tokenizer, q, ins))[:max_length], None
-        for i in idx:
-            a = _ids(tokenizer, response_text(tokenizer, responses[i]))[:max_length - len(p)]  # as `encode` cuts
-            same = next((s for s in row[1] if s[0] == a), None) if row else None
-            if same: same[1].append(i); continue  # the same response to the same prompt is scored once
-            if row is None or _row_len(row) + len(a) > max_row: row = (p, []); rows.append(row)
-            row[1].append((a, [i]))
-    return rows
-
-def _row_len(row)->int: return len(row[0]) + sum(len(a) for a, _ in row[1])
-
-def _pack(rows:list, pad_id:int, dtype=torch.float32)->dict:
-    "Right-padded batch of shared-prompt rows: ids, position ids, 4D mask, and where each response token is predicted."
-    T, B = max(map(_row_len, rows)), len(rows)
-    ids, pos = torch.full((B, T), pad_id, dtype=torch.long), torch.zeros(B, T, dtype=torch.long)
-    seg = torch.full((B, T), -1, dtype=torch.long)  # -1 padding, 0 prompt, k ≥ 1 the row's k-th response
-    at, target, slot, out_index, out_seg = [], [], [], [], []
-    for b, (p, resp) in enumerate(rows):
-        t = len(p)
-        ids[b, :t], pos[b, :t], seg[b, :t] = torch.tensor(p, dtype=torch.long), torch.arange(t), 0
-        for k, (a, idx) in enumerate(resp, 1):
-            u, n = len(out_index), len(a)  # u: this response's number in the batch (≥ those before it)
-            out_index += idx; out_seg += [u] * len(idx)
-            if n == 0: continue  # cut away entirely by max_length: no tokens, count 0
-            ids[b, t:t + n], pos[b, t:t + n], seg[b, t:t + n] = torch.tensor(a), torch.arange(len(p), len(p) + n), k
-            at += [(b, len(p) - 1)] + [(b, t + j) for j in range(n - 1)]  # a first token follows the prompt's last
-            target += a; slot += [u] * n; t += n
-    q, k = seg[:, :, None], seg[:, None, :]
-    see = ((k == 0) | (k == q)) & (k >= 0) & torch.ones(T, T, dtype=torch.bool).tril()
-    see |= torch.eye(T, dtype=torch.bool)  # a padding position sees itself: no empty softmax row, no NaN
-    mask = torch.zeros(B, 1, T, T, dtype=dtype).masked_fill(~see[:, None], torch.finfo(dtype).min)
-    long = lambda x: torch.tensor(x, dtype=torch.long)
-    return {"input_ids": ids, "position_ids": pos, "attention_mask": mask, "at": long(at).reshape(-1, 2), "target": long(target),
-            "slot": long(slot), "out_index": long(out_index), "out_seg": long(out_seg)}
-
-def _packed_sums(model, batch:dict, n:int)->tuple:
-    "(sum of log-probs, token count) per output index (of `n`) from one packed batch; logits only where tokens are predicted."
-    h = model.get_decoder()(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                            position_ids=batch["position_ids"]).last_hidden_state
-    logits = model.get_output_embeddings()(h[batch["at"][:, 0], batch["at"][:, 1]]).float()
-    lp = logits.gather(-1, batch["target"][:, None]).squeeze(-1) - logits.logsumexp(-1)
-    u = len(batch["out_seg"])  # more than any response number
-    seg_sums = torch.zeros(u, dtype=lp.dtype, device=lp.device).index_add(0, batch["slot"], lp)
-    seg_counts = torch.bincount(batch["slot"], minlength=u).to(lp.dtype)
-    spread = lambda v: torch.zeros(n, dtype=lp.dtype, device=lp.device).index_add(0, batch["out_index"], v[batch["out_seg"]])
-    return spread(seg_sums), spread(seg_counts)
-
-def _chunks(items:list, size:int|None, weight=lambda x: 1)->list:
-    "Consecutive chunks whose weights add up to about `size` (one chunk when `size` is None)."
-    if size is None: return [items] if items else []
-    out, cur, w = [], [], 0
-    for x in items:
-        cur.append(x); w += weight(x)
-        if w >= size: out.append(cur); cur, w = [], 0
-    return out + ([cur] if cur else [])
-
-def response_logprob_sums(model, # A causal LM
-                          tokenizer, # Its tokenizer
-                          queries:list, # Questions (repeat a question to score several responses to it)
-                          responses:list, # Answers, one per question
-                          instructions:list|None=None, # Optional instruction per question
-                          max_length:int=512, # Prompt + response tokens kept per response
-                          batch_size:int|None=None, # Responses per forward pass (similar lengths together); None: one pass
-                         )->tuple: # (summed log-prob, token count) per response, on the model's device, with gradients
-    "Log-likelihood of each response given its prompt; responses to the same prompt share one pass over it."
-    if len(queries) != len(responses): raise AVError(f"response_logprob_sums: {len(queries)} queries but {len(responses)} responses")
-    n, dev = len(queries), _device(model)
-    sums, counts = torch.zeros(n, device=dev), torch.zeros(n, device=dev)
-    if getattr(model.config, "model_type", None) in PACKED_MODEL_TYPES:
-        rows = sorted(_shared_rows(tokenizer, queries, responses, instructions, max_length, 2 * max_length), key=_row_len)
-        for chunk in _chunks(rows, batch_size, lambda r: sum(len(i) for _, i in r[1])):
-            s, c = _packed_sums(model, _to(_pack(chunk, _pad_id(tokenizer), next(model.parameters()).dtype), dev), n)
-            sums, counts = sums + s, counts + c
-        return sums, counts
-    rows = _pair_rows(tokenizer, queries, responses, instructions, max_length)
-    for idx in _chunks(sorted(range(n), key=lambda i: len(rows[i][0])), batch_size):
-        s, c = sequence_logprobs(model, _to(_pad([rows[i] for i in idx], _pad_id(tokenizer)), dev))
-        at = torch.tensor(idx, device=dev)
-        sums, counts = sums.index_add(0, at, s.to(sums.dtype)), counts.index_add(0, at, c.to(counts.dtype))
-    return sums, counts
-
-def response_logprobs(model, # A causal LM
-                      tokenizer, # Its tokenizer
-                      queries:list, # Questions
-                      responses:list, # Answers, one per question
-                      instructions:list|None=None, # Optional instruction per question
-                      batch_size:int=16, # Sequences per forward pass
-                      reduce:str="mean", # "mean" per response token, or "sum"
-                     )->torch.Tensor: # 1-D float tensor on the CPU, one value per response
-    "Log-likelihood of each response given its prompt (no gradients; the model's mode is restored)."
-    if reduce not in ("mean", "sum"): raise AVError(f"reduce={reduce!r}: must be 'mean' or 'sum'")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad(): s, n = response_logprob_sums(model, tokenizer, queries, responses, instructions, batch_size=batch_size)
-    finally: model.train(was_training)
-    return (s / n.clamp(min=1) if reduce == "mean" else s).float().cpu()
+__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig',
+           'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline',
+           'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -307,8 +120,8 @@ def pretrain(model, # Causal LM, trained in place
     "Plain causal language modelling on raw text."
     cfg = cfg or SFTConfig()
     def sums(idx):
-        parts = [sequence_logprobs(model, _to(encode_texts(tokenizer, [texts[i] for i in c], cfg.max_length), _device(model)))
-                 for c in _chunks(sorted(idx, key=lambda i: len(texts[i])), TRAIN_PASS)]
+        parts = [sequence_logprobs(model, to_device(encode_texts(tokenizer, [texts[i] for i in c], cfg.max_length), model_device(model)))
+                 for c in chunks(sorted(idx, key=lambda i: len(texts[i])), TRAIN_PASS)]
         return torch.cat([s for s, _ in parts]), torch.cat([n for _, n in parts])
     return train_loop(model, cfg, len(texts), _lm_step(model, sums), "pretrain", progress=progress)
 
@@ -418,7 +231,6 @@ def base_preference(model, # The base model
                     batch_size:int=32,
                    )->list[str]: # The preferred level per record
     "The level whose response `model` finds most likely (mean per-token log-prob), per record."
-    from av_nbdev.judge import preference_table  # the judge owns the definition of preference
     return preference_table(model, tokenizer, records, batch_size)["preferred"].tolist()
 
 def build_pairs(records:list, # Training records
@@ -442,60 +254,9 @@ def build_pairs(records:list, # Training records
                for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors
 
-# %% ../nbs/02_train.ipynb #054d7b5b
-def answer_problem(answer:str, # A generated answer
-                  )->str|None: # What is wrong, or None
-    "Why `answer` is not well-formed (too short, repetition, loop, no proper ending), or None."
-    from av_nbdev.judge import malformed_reason  # the judge owns the surface rules
-    bad = malformed_reason(answer)
-    if bad: return bad
-    if not answer.rstrip().endswith((".", "!", "?")): return "no proper ending"
-    return None
-
-def well_formed(model, # A causal LM
-                tokenizer, # Its tokenizer
-                queries:list, # Held-out questions
-                max_new_tokens:int=160, # Room for the longest expert answer
-                batch_size:int=16,
-               )->pd.DataFrame: # query, answer, problem (None when well-formed)
-    "Greedy answers to `queries` with what, if anything, is wrong with each."
-    from av_nbdev.judge import generate_answers
-    df = generate_answers(model, tokenizer, queries, max_new_tokens=max_new_tokens, do_sample=False,
-                          batch_size=batch_size)
-    return df.assign(problem=df.answer.map(answer_problem))[["query", "answer", "problem"]]
-
 # %% ../nbs/02_train.ipynb #8303847e
 PRETRAIN = SFTConfig(steps=100, batch_size=16, lr=3e-3, warmup=10, max_length=128)
 SFT = SFTConfig(steps=300, batch_size=16, lr=3e-3, warmup=20)
-
-def records_hash(records:list)->str:
-    "Short hash of records' full content (keys caches on the data)."
-    return short_hash([json.dumps(r, sort_keys=True) for r in records])
-
-def _write_json(path:Path, obj):
-    with atomic_path(path, overwrite=True) as tmp: tmp.write_text(json.dumps(obj, indent=1))
-
-def _write_csv(path:Path, df:pd.DataFrame):
-    with atomic_path(path, overwrite=True) as tmp: df.to_csv(tmp, index=False)
-
-@contextlib.contextmanager
-def _lock(out:Path):
-    "Exclusive lock on a stage, so concurrent runs (notebooks, tests) train it once; freed when the process dies."
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.parent/f".{out.name}.lock", "a") as f:
-        try: import fcntl; fcntl.flock(f, fcntl.LOCK_EX)
-        except ImportError: pass  # no fcntl (Windows): no lock; atomic folders still keep the cache sound
-        yield
-
-def _cached(out:Path, # The stage's checkpoint folder
-            build, # f(out) -> out: trains the stage and saves it to `out` (replacing it: only asked to when `refresh`)
-            refresh:bool=False, # Build it again even if it exists (the new folder replaces the old one atomically)
-           )->Path:
-    "Reuse a complete stage folder, else build it under the stage lock."
-    if not refresh and (out/"config.json").exists(): return out  # written atomically: if it exists, it is complete
-    with _lock(out):
-        if not refresh and (out/"config.json").exists(): return out  # another run built it while we waited
-        return build(out)
 
 # %% ../nbs/02_train.ipynb #6ee7f074
 def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress, refresh=False)->Path:
@@ -503,18 +264,18 @@ def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress, refr
     def build(out):
         tok = train_tokenizer(corpus_texts(data["train"]), vocab_size=vocab_size)
         model = tiny_llama(tok, model_cfg, seed=seed)
-        _write_csv(root/f"{out.name}.log.csv", pretrain(model, tok, corpus_texts(data["train"]), cfg, progress=progress))
+        write_csv(root/f"{out.name}.log.csv", pretrain(model, tok, corpus_texts(data["train"]), cfg, progress=progress))
         return save_checkpoint(model, tok, out, overwrite=True)
-    return _cached(root/f"pretrain-{key}", build, refresh)
+    return build_once(root/f"pretrain-{key}", build, refresh)
 
 def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress, refresh=False)->Path:
     key = short_hash("sft", parent.name, records_hash(data["train"]), seed, instruct_share, asdict(cfg))
     def build(out):
-        model, tok = load_model(parent)
+        model, tok = load_model(parent, dtype=torch.float32)
         examples = sft_examples(data["train"], instruct_share=instruct_share, seed=seed)
-        _write_csv(root/f"{out.name}.log.csv", sft(model, tok, examples, cfg, progress=progress))
+        write_csv(root/f"{out.name}.log.csv", sft(model, tok, examples, cfg, progress=progress))
         return save_checkpoint(model, tok, out, overwrite=True)
-    return _cached(root/f"base-{key}", build, refresh)
+    return build_once(root/f"base-{key}", build, refresh)
 
 def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
     "The DPO stage's folder, named by a hash of everything that determines it."
@@ -525,8 +286,8 @@ def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg
 def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False)->Path:
     if isinstance(cfg, dict): cfg = DPOConfig(**cfg)  # sent to a worker process as a dict (the class may be a notebook's)
     def build(out):
-        reference, tok = load_model(base_dir)
-        policy, _ = load_model(base_dir)
+        reference, tok = load_model(base_dir, dtype=torch.float32)
+        policy, _ = load_model(base_dir, dtype=torch.float32)
         pairs = build_pairs(data["train"], domain, level, anchor=anchor, base=reference, tokenizer=tok,
                             anchor_share=anchor_share, seed=cfg.seed)
         log = dpo(policy, reference, tok, pairs, cfg, progress=progress)
@@ -536,56 +297,16 @@ def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, c
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
                    "heldout_reward_accuracy": held["reward_accuracy"], "heldout_margin": held["margin"],
                    "well_formed": float(answers.problem.isna().mean()), "well_formed_n": len(answers)}
-        _write_csv(root/f"{out.name}.log.csv", log)
-        _write_json(root/f"{out.name}.metrics.json", metrics)
+        write_csv(root/f"{out.name}.log.csv", log)
+        write_json(root/f"{out.name}.metrics.json", metrics)
         return save_checkpoint(policy, tok, out, overwrite=True)
-    return _cached(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build, refresh)
+    return build_once(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build, refresh)
 
-# %% ../nbs/02_train.ipynb #28ebe304
-def _one_thread(): torch.set_num_threads(1)  # tiny matrices: one thread per process is fastest
-
-@contextlib.contextmanager
-def _threads(n:int):
-    "Torch uses `n` threads inside the block (the previous number after it)."
-    old = torch.get_num_threads(); torch.set_num_threads(n)
-    try: yield
-    finally: torch.set_num_threads(old)
-
-def run_jobs(jobs:dict, # name -> (names it comes after, f(results so far) -> (module-level function, argument tuple))
-             workers:int, # Processes; 1 runs the jobs here, one after the other
-             desc:str="jobs", # Progress bar label
-             progress:bool=True,
-             here=lambda fn, args: False, # f(fn, args) -> True: run this ready job here (e.g. its result is stored)
-            )->dict: # name -> result
-    "Run each job once those it comes after are done: earlier-listed first, in single-threaded processes when `workers` > 1."
-    import multiprocessing as mp
-    from concurrent.futures import ProcessPoolExecutor, wait, FIRST_COMPLETED
-    from av_nbdev.train import _one_thread  # the package's function: workers import it by name
-    done, todo, running = {}, dict(jobs), {}
-    ready = lambda: [n for n, (after, _) in todo.items() if all(a in done for a in after)]
-    n_proc = min(workers, len(jobs))
-    pool = ProcessPoolExecutor(n_proc, mp_context=mp.get_context("spawn"), initializer=_one_thread) if n_proc > 1 else None
-    bar = tqdm(total=len(todo), desc=desc, disable=not progress, leave=False)
-    try:
-        while todo or running:
-            while todo and ready() and (pool is None or len(running) < n_proc):
-                n = ready()[0]
-                fn, args = todo.pop(n)[1](done)
-                if pool is None or here(fn, args): done[n] = fn(*args); bar.update()
-                else: running[pool.submit(fn, *args)] = n
-            if not running:
-                if todo: raise AVError(f"{desc}: jobs wait on each other: {sorted(todo)}")
-                break
-            for f in wait(running, return_when=FIRST_COMPLETED)[0]: done[running.pop(f)] = f.result(); bar.update()
-    finally:
-        if pool is not None: pool.shutdown(cancel_futures=True)
-        bar.close()
-    return done
-
+# %% ../nbs/02_train.ipynb #c23738e1
 def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: plain (False) and/or anchored (True)
                    out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"tiny"`
-                   domains:tuple=DOMAINS, # One DPO model per domain
-                   level:str="expert", # The preferred level for DPO
+                   domains:tuple|None=None, # One DPO model per domain; default every domain of the data
+                   level:str|None=None, # The preferred level for DPO; default the data's last (highest) level
                    seed:int=0, # Seeds every stage
                    vocab_size:int=1024, # Tokenizer vocabulary
                    model_cfg:TinyConfig|None=None, # Model shape; default `TinyConfig()`
@@ -603,12 +324,14 @@ def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: pl
     "Train (or reuse from the cache) tokenizer → pretrain → SFT base → DPO models per domain, for each anchoring choice."
     import av_nbdev
     data = load_splits(data_dir)
+    domains = domains_of(data["train"]) if domains is None else domains
+    level = level or levels_of(data["train"])[-1]
     seed_cfg = lambda c: c if c.seed == seed else type(c)(**{**asdict(c), "seed": seed})
     model_cfg, dpo_cfg = model_cfg or TinyConfig(), seed_cfg(dpo_cfg or DPOConfig())
     pretrain_cfg, sft_cfg = seed_cfg(pretrain_cfg or PRETRAIN), seed_cfg(sft_cfg or SFT)
     root = Path(out_dir) if out_dir is not None else cache_dir()/"tiny"
     root = root/f"v{av_nbdev.__version__}"
-    with _threads(max(workers, torch.get_num_threads())):  # the chain runs alone: every worker's core helps it
+    with threads(max(workers, torch.get_num_threads())):  # the chain runs alone: every worker's core helps it
         shared = {"pretrain": _stage_pretrain(root, data, seed, vocab_size, model_cfg, pretrain_cfg, progress,
                                               "pretrain" in refresh)}
         shared["base"] = _stage_sft(root, shared["pretrain"], data, seed, instruct_share, sft_cfg, progress, "base" in refresh)

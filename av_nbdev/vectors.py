@@ -4,19 +4,24 @@
 
 # %% ../nbs/03_vectors.ipynb #e9a5ae95
 from __future__ import annotations
-import json, math
+import json, math, warnings
+from collections import Counter
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm.auto import tqdm
 
 import av_nbdev
-from .core import AVError
-from .tensorio import CheckpointReader, StateDictReader, ShardWriter, open_tensors
+from .core import AVError, atomic_dir
+from .tensorio import (CheckpointReader, StateDictReader, ShardWriter, open_tensors, tied_aliases,
+                               LoraAdapter, is_lora_adapter, ADAPTER_CONFIG, ADAPTER_WEIGHTS, PEFT_PREFIX)
 
 # %% auto #0
-__all__ = ['N_SAMPLE', 'FORMAT', 'FORMAT_VERSION', 'LAMBDA_CONVENTION', 'STORE_DTYPES', 'describe_source', 'base_fingerprint',
-           'fingerprint_mismatch', 'check_finite', 'Scratch', 'iter_deltas', 'as_store_dtype', 'AlignmentVector']
+__all__ = ['N_SAMPLE', 'FORMAT', 'FORMAT_VERSION', 'LAMBDA_CONVENTION', 'STORE_DTYPES', 'FACTOR_KEYS', 'VLLM_RANKS',
+           'describe_source', 'base_fingerprint', 'short_list', 'fingerprint_mismatch', 'check_finite', 'Scratch',
+           'iter_deltas', 'LowRank', 'svd_factors', 'kept_rank', 'low_rank', 'iter_adapter_deltas', 'as_store_dtype',
+           'dtype_name', 'vector_stats', 'write_difference', 'AlignmentVector', 'export_lora']
 
 # %% ../nbs/03_vectors.ipynb #4aea3541
 N_SAMPLE = 16  # values sampled per tensor for the content signature
@@ -26,14 +31,6 @@ def _sample(t:torch.Tensor)->list[float]:
     flat = t.reshape(-1); n = flat.numel(); k = min(N_SAMPLE, n)
     idx = torch.tensor([(2*i + 1) * n // (2*k) for i in range(k)], dtype=torch.long, device=flat.device)
     return flat[idx].float().to(torch.bfloat16).float().tolist()
-
-def _tied_duplicates(reader)->set[str]:
-    "Names a folder saved although the config ties them to another tensor (kept once, like a model in memory)."
-    cfg_file = getattr(reader, "path", Path("/nonexistent"))
-    cfg_file = (cfg_file if cfg_file.is_dir() else cfg_file.parent)/"config.json"
-    try: tie = json.loads(cfg_file.read_text()).get("tie_word_embeddings", False)
-    except (OSError, ValueError): tie = False
-    return {"lm_head.weight"} if tie and "lm_head.weight" in reader else set()
 
 def describe_source(x)->str:
     "How metadata and messages name a checkpoint folder or a model in memory."
@@ -46,7 +43,7 @@ def base_fingerprint(model_or_path, # HF folder / safetensors file, nn.Module, s
                     )->dict:
     "Names, shapes and a cast-proof content sample of a base model."
     r = open_tensors(model_or_path)
-    drop = _tied_duplicates(r)
+    drop = set(tied_aliases(r))
     names = [n for n in r.names() if n not in drop]
     shapes = {n: list(r.shape(n)) for n in names}
     return {"version": 1, "source": describe_source(model_or_path), "n_tensors": len(names),
@@ -54,7 +51,11 @@ def base_fingerprint(model_or_path, # HF folder / safetensors file, nn.Module, s
             "sample": {n: _sample(r.get(n)) for n in names}}
 
 # %% ../nbs/03_vectors.ipynb #815ba582
-def _first(xs, k=3): return ", ".join(xs[:k]) + (f", … ({len(xs)} in all)" if len(xs) > k else "")
+def short_list(xs:list, # Names (or any strings)
+               k:int=3, # How many to show
+              )->str:
+    "The first `k` of `xs`, and how many there are in all when that is more."
+    return ", ".join(xs[:k]) + (f", … ({len(xs)} in all)" if len(xs) > k else "")
 
 def _close(a:list, b:list)->bool:
     "Sample values equal up to two bf16 steps (relative 2**-7) — casts move a value by at most one."
@@ -69,30 +70,31 @@ def fingerprint_mismatch(a:dict|None, # A fingerprint (e.g. the one stored with 
     sa, sb, la, lb = a["shapes"], b["shapes"], a.get("source", "first"), b.get("source", "second")
     only_a, only_b = [n for n in sa if n not in sb], [n for n in sb if n not in sa]
     diffs = []
-    if only_a: diffs.append(f"{len(only_a)} tensor(s) only in {la}: {_first(only_a)}")
-    if only_b: diffs.append(f"{len(only_b)} tensor(s) only in {lb}: {_first(only_b)}")
+    if only_a: diffs.append(f"{len(only_a)} tensor(s) only in {la}: {short_list(only_a)}")
+    if only_b: diffs.append(f"{len(only_b)} tensor(s) only in {lb}: {short_list(only_b)}")
     shape = [f"{n} {tuple(sa[n])} vs {tuple(sb[n])}" for n in sa if n in sb and sa[n] != sb[n]]
-    if shape: diffs.append(f"shapes differ: {_first(shape)}")
+    if shape: diffs.append(f"shapes differ: {short_list(shape)}")
     if content and not diffs:
         vals = [n for n in sa if not _close(a["sample"][n], b["sample"][n])]
         if vals: diffs.append(f"weights differ in {len(vals)} of {len(sa)} tensors (e.g. {vals[0]}): another base or training stage")
     return "; ".join(diffs) or None
 
 # %% ../nbs/03_vectors.ipynb #96e4879e
-def _check_pair(b, a):
+def _check_pair(b, a, cast:bool=False):
     "Names, shapes and dtypes agree between base reader `b` and aligned reader `a`, else AVError."
-    drop = _tied_duplicates(b) | _tied_duplicates(a)
+    drop = set(tied_aliases(b)) | set(tied_aliases(a))
     nb, na = [n for n in b.names() if n not in drop], [n for n in a.names() if n not in drop]
     sa = set(na); missing = [n for n in nb if n not in sa]
-    if missing: raise AVError(f"{a.where(missing[0])}: tensor {missing[0]!r} missing in the aligned model ({len(missing)} missing: {_first(missing)})")
+    if missing: raise AVError(f"{a.where(missing[0])}: tensor {missing[0]!r} missing in the aligned model ({len(missing)} missing: {short_list(missing)})")
     sb = set(nb); extra = [n for n in na if n not in sb]
-    if extra: raise AVError(f"{b.where(extra[0])}: tensor {extra[0]!r} missing in the base ({len(extra)} missing: {_first(extra)})")
+    if extra: raise AVError(f"{b.where(extra[0])}: tensor {extra[0]!r} missing in the base ({len(extra)} missing: {short_list(extra)})")
     shapes = [n for n in nb if tuple(b.shape(n)) != tuple(a.shape(n))]
     if shapes: raise AVError(f"{a.where(shapes[0])}: shape mismatch with the base in {len(shapes)} tensor(s): "
-                             + _first([f"{n} {tuple(a.shape(n))} vs {tuple(b.shape(n))}" for n in shapes]))
-    dtypes = [n for n in nb if b.dtype(n) != a.dtype(n)]
+                             + short_list([f"{n} {tuple(a.shape(n))} vs {tuple(b.shape(n))}" for n in shapes]))
+    dtypes = [] if cast else [n for n in nb if b.dtype(n) != a.dtype(n)]
     if dtypes: raise AVError(f"{a.where(dtypes[0])}: dtype mismatch with the base in {len(dtypes)} tensor(s): "
-                             + _first([f"{n} {a.dtype(n)} vs {b.dtype(n)}" for n in dtypes]))
+                             + short_list([f"{n} {a.dtype(n)} vs {b.dtype(n)}" for n in dtypes])
+                             + "; pass cast=True (CLI: --cast) to read both in float32 and subtract there")
     return nb
 
 def check_finite(t:torch.Tensor, where:str, name:str):
@@ -129,10 +131,11 @@ def iter_deltas(base, # Base: HF folder, safetensors file, model or reader
                 aligned, # Aligned: same kinds
                 progress:bool=False, # Show a tqdm bar
                 reuse:bool=False, # Compute into one reused buffer: each difference is valid only until the next
+                cast:bool=False, # Allow different dtypes (e.g. a bf16 base, an fp32 fine-tune): both read in float32
                ):
     "Yield `(name, aligned − base in fp32 on CPU or None if identical, its L2 norm)`, one tensor pair at a time."
     b, a = open_tensors(base), open_tensors(aligned)
-    names, scratch = _check_pair(b, a), Scratch(reuse)
+    names, scratch = _check_pair(b, a, cast), Scratch(reuse)
     for n in tqdm(names, desc="extract", disable=not progress, leave=False):
         tb, ta = b.get(n), a.get(n)
         d = _difference(ta, tb, scratch)
@@ -141,6 +144,99 @@ def iter_deltas(base, # Base: HF folder, safetensors file, model or reader
             check_finite(tb, b.where(n), n); check_finite(ta, a.where(n), n)
             raise AVError(f"{a.where(n)}: tensor {n!r}: the difference to the base overflows float32")
         yield n, (d.cpu() if norm else None), norm
+
+# %% ../nbs/03_vectors.ipynb #233cd871
+class LowRank(NamedTuple):
+    "A difference kept as two factors: ΔW = B @ A, with A [r, in] and B [out, r] (any scale folded into B)."
+    A: torch.Tensor
+    B: torch.Tensor
+    @property
+    def rank(self)->int: return self.A.shape[0]
+    @property
+    def shape(self)->tuple: return (self.B.shape[0], self.A.shape[1])
+    @property
+    def dtype(self)->torch.dtype: return self.A.dtype
+
+    def dense(self)->torch.Tensor:
+        "B @ A, multiplied in fp32, in the factors' dtype."
+        return (self.B.float() @ self.A.float()).to(self.A.dtype)
+
+    def norm(self)->float:
+        "‖B·A‖_F from the r×r Gram matrices, without forming B·A."
+        a, b = self.A.float(), self.B.float()
+        return math.sqrt(max(float(((a @ a.T) * (b.T @ b)).sum()), 0.0))
+
+    def to(self, device=None, dtype=None)->LowRank:
+        return LowRank(self.A.to(device=device, dtype=dtype), self.B.to(device=device, dtype=dtype))
+
+# %% ../nbs/03_vectors.ipynb #13c069d5
+def svd_factors(t:torch.Tensor|LowRank, # A 2-D difference, dense or factored
+               )->tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    "`(U, S, Vh)` of the difference in fp32 (thin SVD); a `LowRank` is decomposed exactly from its factors (QR, then an r×r SVD)."
+    if not isinstance(t, LowRank): return torch.linalg.svd(t.float(), full_matrices=False)
+    qb, rb = torch.linalg.qr(t.B.float())
+    qa, ra = torch.linalg.qr(t.A.float().T)
+    u, s, vh = torch.linalg.svd(rb @ ra.T, full_matrices=False)
+    return qb @ u, s, vh @ qa.T
+
+def kept_rank(S:torch.Tensor, # Singular values, largest first
+              rank:int|None=None, # Keep at most this many
+              energy:float|None=None, # Keep the fewest whose squares reach this share of ‖ΔW‖² (0 < energy ≤ 1)
+             )->int:
+    "How many singular values to keep: capped by `rank`, by `energy`, and never the ones at fp32 noise level."
+    if rank is not None and (int(rank) != rank or rank < 1): raise AVError(f"rank: {rank!r} must be a whole number ≥ 1")
+    if energy is not None and not (0 < energy <= 1): raise AVError(f"energy: {energy!r} must lie in (0, 1]")
+    noise = float(S[0]) * torch.finfo(torch.float32).eps * max(S.numel(), 1) if S.numel() else 0.0
+    k = max(int((S > noise).sum()), 1)
+    if energy is not None:
+        share = torch.cumsum(S.double() ** 2, 0) / max(float((S.double() ** 2).sum()), 1e-300)
+        k = min(k, int((share < energy - 1e-12).sum()) + 1)
+    return min(k, int(rank)) if rank is not None else k
+
+def low_rank(t:torch.Tensor|LowRank, # A 2-D difference, dense or factored
+             rank:int|None=None, # At most this rank (None: every singular value above fp32 noise)
+             energy:float|None=None, # Or the fewest singular values holding this share of the squared norm
+            )->tuple[LowRank, float]:
+    "Truncated SVD in fp32 with √S split between the factors (B = U·√S, A = √S·Vh), and its relative Frobenius error."
+    U, S, Vh = svd_factors(t)
+    k = kept_rank(S, rank, energy)
+    root = S[:k].sqrt()
+    total = float((S.double() ** 2).sum())
+    err = math.sqrt(float((S[k:].double() ** 2).sum()) / total) if total > 0 else 0.0
+    return LowRank((root[:, None] * Vh[:k]).contiguous(), (U[:, :k] * root).contiguous()), err
+
+# %% ../nbs/03_vectors.ipynb #c76b1d40
+def iter_adapter_deltas(base, # Base: HF folder, safetensors file, model or reader
+                        adapter:str|Path|LoraAdapter, # PEFT LoRA adapter folder trained on that base
+                        progress:bool=False, # Show a tqdm bar
+                       ):
+    "Yield `(name, LowRank or dense fp32 difference or None if zero, its L2 norm)` for each base tensor the adapter changes, in base order."
+    b = open_tensors(base)
+    ad = adapter if isinstance(adapter, LoraAdapter) else LoraAdapter(adapter)
+    ad.check_base(b)
+    touched = set(ad.names())
+    for n in tqdm([n for n in b.names() if n in touched], desc="extract", disable=not progress, leave=False):
+        if n in ad.full:  # saved whole: modules_to_save, a trained bias, or an embedding layer saved beside its LoRA
+            d = ad.full_tensor(n).float() - b.get(n).float()
+            norm = float(torch.linalg.vector_norm(d))
+            if not math.isfinite(norm): check_finite(ad.full_tensor(n), str(ad.path), n)
+            if n not in ad.modules: yield n, (d if norm else None), norm; continue
+            if norm: raise AVError(f"{ad.path}: {n} is both saved whole (changed) and adapted by LoRA; cannot tell which applies")
+        lr = LowRank(*ad.factors(n))
+        check_finite(lr.A, str(ad.path), n); check_finite(lr.B, str(ad.path), n)
+        yield n, lr, lr.norm()
+
+def _deltas(base, aligned, progress:bool, reuse:bool, cast:bool):
+    "The differences of a fine-tuned checkpoint or of an adapter folder, as `iter_deltas` yields them."
+    if is_lora_adapter(aligned): return iter_adapter_deltas(base, aligned, progress)
+    return iter_deltas(base, aligned, progress, reuse=reuse, cast=cast)
+
+def _adapter_meta(aligned)->dict:
+    "What the metadata keeps of an adapter's config."
+    if not is_lora_adapter(aligned): return {}
+    cfg = LoraAdapter(aligned).config
+    return {"source": "adapter", "adapter": {k: cfg.get(k) for k in ("peft_type", "r", "lora_alpha", "use_rslora", "target_modules",
+            "modules_to_save", "rank_pattern", "alpha_pattern", "fan_in_fan_out", "base_model_name_or_path")}}
 
 # %% ../nbs/03_vectors.ipynb #b023240b
 FORMAT, FORMAT_VERSION = "av_nbdev.alignment_vector", 1
@@ -154,19 +250,26 @@ def as_store_dtype(dtype:str|torch.dtype)->torch.dtype:
     if str(dtype).removeprefix("torch.") in STORE_DTYPES: return STORE_DTYPES[str(dtype).removeprefix("torch.")]
     raise AVError(f"dtype: {dtype!r} is not one of float32, bfloat16, float16")
 
-def _dtype_name(dt:torch.dtype)->str: return str(dt).removeprefix("torch.")
+def dtype_name(dt:torch.dtype)->str:
+    "`float32`, `bfloat16`, ...: how metadata names a dtype."
+    return str(dt).removeprefix("torch.")
 
 def _new_meta(base, aligned, dtype, fingerprint, meta:dict)->dict:
     "The metadata every extracted vector starts with; statistics are added as tensors are made."
     return {"format": FORMAT, "format_version": FORMAT_VERSION, "package_version": av_nbdev.__version__,
             "domain": meta.pop("domain", None), "level": meta.pop("level", None),
             "lambda_convention": LAMBDA_CONVENTION, "base": describe_source(base), "aligned": describe_source(aligned),
-            "dtype": _dtype_name(dtype), "base_fingerprint": fingerprint, **meta}
+            "dtype": dtype_name(dtype), "base_fingerprint": fingerprint, **meta}
 
-def _add_stats(meta:dict, norms:dict, numels:dict, omitted:list)->dict:
-    "Parameter count, per-tensor and global L2 norms, and the tensors left out as zero."
+def vector_stats(meta:dict, # Metadata so far
+                 norms:dict, # name -> L2 norm of the (dense) difference
+                 numels:dict, # name -> element count of the dense difference
+                 omitted:list, # Names left out because their difference is zero
+                 ranks:dict|None=None, # name -> rank, for the tensors stored factored
+                )->dict:
+    "`meta` with the parameter count, per-tensor and global L2 norms, the tensors left out as zero, and the factored tensors' ranks."
     return {**meta, "param_count": sum(numels.values()), "n_tensors": len(norms), "omitted": omitted,
-            "norm": math.sqrt(sum(v*v for v in norms.values())), "norms": norms}
+            "norm": math.sqrt(sum(v*v for v in norms.values())), "norms": norms, "ranks": dict(ranks or {})}
 
 def _encode(meta:dict)->dict[str, str]: return {k: json.dumps(v) for k, v in meta.items()}
 
@@ -178,29 +281,75 @@ def _decode(meta:dict, where)->dict:
         raise AVError(f"{where}: format version {out['format_version']} is newer than this av_nbdev understands ({FORMAT_VERSION}); upgrade")
     return out
 
+FACTOR_KEYS = ("::A", "::B")  # a factored tensor `name` is stored as `name::A` [r, in] and `name::B` [out, r]
+
+def write_difference(w:ShardWriter, # Open writer
+                     name:str, # Tensor name
+                     t:torch.Tensor|LowRank, # Dense difference, or its factors
+                     where:str, # How a NaN/Inf error names the output
+                    ):
+    "Add one difference to `w`: a dense tensor under its name, a `LowRank` as its two factors."
+    parts = zip((name + FACTOR_KEYS[0], name + FACTOR_KEYS[1]), t) if isinstance(t, LowRank) else [(name, t)]
+    for key, x in parts: check_finite(x, where, name); w.add(key, x)
+
 # %% ../nbs/03_vectors.ipynb #821ed63d
 class _LazyTensors(dict):
-    "Name -> tensor, read from the file on each access (and checked), never cached."
+    "Name -> tensor or `LowRank`, read from the file on each access (and checked), never cached."
     def __init__(self, reader, device=None, dtype=None):
-        super().__init__((n, None) for n in reader.names())
+        a, b = FACTOR_KEYS
+        names = [n.removesuffix(a) if n.endswith(a) else n for n in reader.names() if not n.endswith(b)]
+        super().__init__((n, None) for n in names)
         self.reader, self.device, self.dtype = reader, device, dtype
+        self.factored = {n for n in names if n + a in reader}
+        missing = [n for n in self.factored if n + b not in reader]
+        if missing: raise AVError(f"{reader.path}: factored tensor {missing[0]!r} has no {missing[0] + b!r}")
+
+    def _read(self, key, name):
+        t = self.reader.get(key); check_finite(t, self.reader.where(key), name)
+        return t.to(device=self.device, dtype=self.dtype)
+
     def __getitem__(self, name):
         if name not in self: raise AVError(f"{self.reader.path}: no tensor {name!r} in this vector")
-        t = self.reader.get(name); check_finite(t, self.reader.where(name), name)
-        return t.to(device=self.device, dtype=self.dtype)
+        if name in self.factored: return LowRank(*(self._read(name + k, name) for k in FACTOR_KEYS))
+        return self._read(name, name)
+
+    def shape(self, name)->tuple:
+        if name not in self.factored: return tuple(self.reader.shape(name))
+        return (self.reader.shape(name + FACTOR_KEYS[1])[0], self.reader.shape(name + FACTOR_KEYS[0])[1])
+
+    def rank(self, name)->int|None:
+        return self.reader.shape(name + FACTOR_KEYS[0])[0] if name in self.factored else None
     def values(self): return (self[n] for n in self)
     def items(self): return ((n, self[n]) for n in self)
 
 # %% ../nbs/03_vectors.ipynb #d8fcefc3
 class AlignmentVector:
-    "θ_aligned − θ_base as named tensors (missing names count as zero) plus metadata."
-    def __init__(self, tensors:dict[str, torch.Tensor], # name -> difference tensor
+    "θ_aligned − θ_base as named tensors, dense or factored (missing names count as zero), plus metadata."
+    def __init__(self, tensors:dict[str, torch.Tensor|LowRank], # name -> difference tensor, or its factors
                  meta:dict|None=None, # format, domain, level, sources, base_fingerprint, norms, ...
                 ):
         self.tensors, self.meta = tensors, dict(meta or {})
 
     def names(self)->list[str]: return list(self.tensors)
-    def __getitem__(self, name:str)->torch.Tensor: return self.tensors[name]
+    def __getitem__(self, name:str)->torch.Tensor:
+        "The dense difference of one tensor (a factored one is multiplied out now, in fp32)."
+        t = self.tensors[name]
+        return t.dense() if isinstance(t, LowRank) else t
+
+    def factors(self, name:str)->LowRank|None:
+        "`(A, B)` with ΔW = B @ A for a factored tensor, None for a dense one."
+        t = self.tensors[name]
+        return t if isinstance(t, LowRank) else None
+
+    def rank(self, name:str)->int|None:
+        "The rank of a factored tensor (from the header when lazy), None for a dense one."
+        if self.lazy: return self.tensors.rank(name)
+        t = self.tensors[name]
+        return t.rank if isinstance(t, LowRank) else None
+
+    def shape(self, name:str)->tuple:
+        "The dense difference's shape, without reading or multiplying anything."
+        return self.tensors.shape(name) if self.lazy else tuple(self.tensors[name].shape)
     def __contains__(self, name): return name in self.tensors
     def __len__(self): return len(self.tensors)
     @property
@@ -222,15 +371,17 @@ class AlignmentVector:
                 aligned, # Aligned model: same kinds
                 dtype:str|torch.dtype=torch.float32, # Stored dtype: float32 or bfloat16 (half the disk)
                 progress:bool=False, # Show a progress bar
+                cast:bool=False, # Allow a base and a fine-tune in different dtypes (both read in float32)
                 **meta, # domain=, level=, and anything JSON-serialisable to keep in the metadata
                )->AlignmentVector:
-        "Extract θ_aligned − θ_base (fp32 differences) into memory."
-        dtype, tensors, norms, numels, omitted = as_store_dtype(dtype), {}, {}, {}, []
-        m = _new_meta(base, aligned, dtype, base_fingerprint(base), meta)
-        for n, d, norm in iter_deltas(base, aligned, progress):
+        "Extract θ_aligned − θ_base (fp32 differences; factored when `aligned` is a LoRA adapter folder) into memory."
+        dtype, tensors, norms, numels, omitted, ranks = as_store_dtype(dtype), {}, {}, {}, [], {}
+        m = _new_meta(base, aligned, dtype, base_fingerprint(base), {**_adapter_meta(aligned), **meta})
+        for n, d, norm in _deltas(base, aligned, progress, reuse=False, cast=cast):
             if d is None: omitted.append(n); continue
-            tensors[n], norms[n], numels[n] = d.to(dtype), norm, d.numel()
-        return cls(tensors, _add_stats(m, norms, numels, omitted))
+            tensors[n], norms[n], numels[n] = d.to(dtype=dtype), norm, math.prod(d.shape)
+            if isinstance(d, LowRank): ranks[n] = d.rank
+        return cls(tensors, vector_stats(m, norms, numels, omitted, ranks))
 
     @classmethod
     def extract_to(cls, base, aligned, # As for `extract`
@@ -239,18 +390,21 @@ class AlignmentVector:
                    overwrite:bool=False, # Replace an existing output?
                    max_shard_size:int|str="5GB", # Shard size cap
                    progress:bool=False, # Show a progress bar
+                   cast:bool=False, # Allow a base and a fine-tune in different dtypes (both read in float32)
                    **meta, # domain=, level=, ...
                   )->Path:
         "Extract straight to disk, one tensor at a time: memory stays near one tensor per model."
-        dtype, norms, numels, omitted = as_store_dtype(dtype), {}, {}, []
-        m = _new_meta(base, aligned, dtype, base_fingerprint(base), meta)
+        dtype, norms, numels, omitted, ranks = as_store_dtype(dtype), {}, {}, [], {}
+        m = _new_meta(base, aligned, dtype, base_fingerprint(base), {**_adapter_meta(aligned), **meta})
         with ShardWriter(path, max_shard_size, _encode(m), prefix=Path(path).name.removesuffix(".safetensors"),
                          single_file=True, overwrite=overwrite, n_tensors_hint=len(open_tensors(base))) as w:
             out = Scratch()  # `w.add` has written each tensor out when it returns, so buffers can be reused
-            for n, d, norm in iter_deltas(base, aligned, progress, reuse=True):
+            for n, d, norm in _deltas(base, aligned, progress, reuse=True, cast=cast):
                 if d is None: omitted.append(n); continue
-                w.add(n, out.cast(d, dtype)); norms[n], numels[n] = norm, d.numel()
-            return w.close(_encode(_add_stats(m, norms, numels, omitted)))
+                if isinstance(d, LowRank): write_difference(w, n, d.to(dtype=dtype), str(path)); ranks[n] = d.rank
+                else: w.add(n, out.cast(d, dtype))
+                norms[n], numels[n] = norm, math.prod(d.shape)
+            return w.close(_encode(vector_stats(m, norms, numels, omitted, ranks)))
 
     def save(self, path:str|Path, # Output .safetensors file (a folder of shards if larger than max_shard_size)
              overwrite:bool=False, # Replace an existing output?
@@ -258,8 +412,8 @@ class AlignmentVector:
             )->Path:
         "Save atomically as safetensors with the metadata in the header."
         with ShardWriter(path, max_shard_size, _encode(self.meta), prefix=Path(path).name.removesuffix(".safetensors"),
-                         single_file=True, overwrite=overwrite, n_tensors_hint=len(self)) as w:
-            for n, t in self.tensors.items(): check_finite(t, f"{path} (not written)", n); w.add(n, t)
+                         single_file=True, overwrite=overwrite, n_tensors_hint=2 * len(self)) as w:
+            for n, t in self.tensors.items(): write_difference(w, n, t, f"{path} (not written)")
             return w.close()
 
     @classmethod
@@ -275,14 +429,125 @@ class AlignmentVector:
         if not lazy: tensors = dict(tensors.items())
         return cls(tensors, meta)
 
+    def factorize(self, rank:int|None=None, # At most this rank per tensor (None: no cap)
+                  energy:float|None=None, # Or per tensor the fewest singular values holding this share of its squared norm
+                 )->AlignmentVector:
+        "A copy with every 2-D difference factored by a truncated fp32 SVD (`low_rank`); other tensors stay dense."
+        tensors, norms, ranks, total, lost = {}, {}, {}, 0.0, 0.0
+        dtype = as_store_dtype(self.meta.get("dtype", "float32"))
+        for n, t in self.tensors.items():  # one tensor read at a time from a lazy vector
+            n0 = t.norm() if isinstance(t, LowRank) else float(torch.linalg.vector_norm(t.float()))
+            total += n0 * n0
+            if len(t.shape) != 2: tensors[n], norms[n] = t, n0; continue
+            f, err = low_rank(t, rank, energy)
+            tensors[n], norms[n], ranks[n], lost = f.to(dtype=dtype), f.norm(), f.rank, lost + (n0 * err) ** 2
+        meta = {**self.meta, "factorized": {"rank": rank, "energy": energy,
+                "relative_error": math.sqrt(lost / total) if total else 0.0}}
+        numels = {n: math.prod(self.shape(n)) for n in tensors}
+        return AlignmentVector(tensors, vector_stats(meta, norms, numels, self.meta.get("omitted", []), ranks))
+
     def summary(self)->str:
         "What `av info` prints: the metadata without the per-tensor detail."
         m, fp = self.meta, self.base_fingerprint or {}
         lines = [f"{k}: {m[k]}" for k in ("format", "format_version", "package_version", "domain", "level", "dtype",
                                            "param_count", "n_tensors", "norm", "base", "aligned", "lambda_convention") if k in m]
         lines.append(f"omitted (zero): {len(m.get('omitted', []))} tensor(s)")
+        if ranks := [r for r in (self.rank(n) for n in self.names()) if r is not None]:
+            lines.append(f"factored: {len(ranks)} tensor(s), rank {min(ranks)}–{max(ranks)}")
         if fp: lines.append(f"base fingerprint: {fp.get('n_tensors')} tensors, {fp.get('n_params'):,} params, from {fp.get('source')}")
         extra = sorted(set(m) - {"format", "format_version", "package_version", "domain", "level", "dtype", "param_count",
-                                 "n_tensors", "norm", "norms", "base", "aligned", "lambda_convention", "omitted", "base_fingerprint"})
+                                 "n_tensors", "norm", "norms", "base", "aligned", "lambda_convention", "omitted", "base_fingerprint", "ranks"})
         lines += [f"{k}: {m[k]}" for k in extra]
         return "\n".join(lines)
+
+# %% ../nbs/03_vectors.ipynb #57392d27
+VLLM_RANKS = (8, 512)  # LoRA ranks vLLM serves
+
+def _lora_kind(name:str)->str:
+    "How PEFT adapts the module of weight `name`: 'embedding' (lora_embedding_A/B) or 'linear' (lora_A/B)."
+    last = name.removesuffix(".weight").rsplit(".", 1)[-1]
+    return "embedding" if "embed" in last or last in ("wte", "wpe") else "linear"
+
+def _padded(f:LowRank, r:int)->LowRank:
+    "The same product at rank `r` ≥ f.rank: zero rows in A, zero columns in B."
+    k = f.rank
+    if k == r: return f
+    return LowRank(torch.cat([f.A, f.A.new_zeros(r - k, f.A.shape[1])]), torch.cat([f.B, f.B.new_zeros(f.B.shape[0], r - k)], 1))
+
+def _lora_keys(name:str, f:LowRank)->dict[str, torch.Tensor]:
+    "The adapter's keys for one 2-D difference ΔW = B @ A (scale 1)."
+    module = PEFT_PREFIX + name.removesuffix(".weight")
+    if _lora_kind(name) == "embedding":  # PEFT: ΔW = (B_e·A_e)ᵀ, A_e [r, vocab], B_e [dim, r]
+        return {f"{module}.lora_embedding_A": f.B.T.contiguous(), f"{module}.lora_embedding_B": f.A.T.contiguous()}
+    return {f"{module}.lora_A.weight": f.A.contiguous(), f"{module}.lora_B.weight": f.B.contiguous()}
+
+def _saved_modules(av:AlignmentVector, names:list[str], base)->dict[str, torch.Tensor]:
+    "Whole modules for `modules_to_save`: every base tensor of each module named in `names`, with the difference added."
+    b = open_tensors(base)
+    why = fingerprint_mismatch(av.base_fingerprint, base_fingerprint(b))
+    if why: raise AVError(f"{describe_source(base)}: not the base this vector was made from ({why})")
+    modules = {n.rsplit(".", 1)[0] for n in names}
+    out = {}
+    for n in b.names():
+        module = n.rsplit(".", 1)[0]
+        if module not in modules: continue
+        t = b.get(n)
+        out[PEFT_PREFIX + n] = (t.float() + av[n].float()).to(t.dtype) if n in av else t
+    return out
+
+def export_lora(av:AlignmentVector|str|Path, # A vector or its file
+                out_dir:str|Path, # Adapter folder to write (adapter_config.json + adapter_model.safetensors)
+                rank:int|None=None, # At most this rank per module (None: every singular value above fp32 noise)
+                energy:float|None=None, # Or per module the fewest singular values holding this share of its squared norm
+                vllm:bool=False, # Keep to what vLLM serves: no modules_to_save (1-D tensors dropped), ranks 8…512
+                base=None, # Base checkpoint for modules_to_save (default: the base recorded in the vector)
+                overwrite:bool=False, # Replace an existing out_dir?
+                progress:bool=False, # Show a progress bar
+               )->dict:
+    "Write `av` as a PEFT LoRA adapter folder (atomically); returns ranks, modules_to_save, dropped tensors, notes and the relative error."
+    av = av if isinstance(av, AlignmentVector) else AlignmentVector.load(av, lazy=True)
+    flat = [n for n in av.names() if len(av.shape(n)) != 2]
+    bad = [n for n in av.names() if len(av.shape(n)) == 2 and not n.endswith(".weight")]
+    if bad: raise AVError(f"{bad[0]}: a 2-D tensor that is not a module's weight; PEFT LoRA cannot adapt it")
+    lora_modules = {n.removesuffix(".weight") for n in av.names() if len(av.shape(n)) == 2}
+    shapes = (av.base_fingerprint or {}).get("shapes", {})
+    if shapes and "lm_head.weight" not in shapes and any(_lora_kind(m + ".weight") == "embedding" for m in lora_modules):
+        raise AVError(f"{describe_source(av.meta.get('base'))}: the base ties its output head to the embedding; "
+                      "a LoRA adapter on the embedding would not move the head")
+    notes, dropped = [], [n for n in flat if n.rsplit(".", 1)[0] in lora_modules]  # e.g. the bias of an adapted layer
+    if dropped: notes.append(f"dropped {len(dropped)} 1-D tensor(s) of adapted layers (LoRA cannot carry them): {short_list(dropped)}")
+    flat = [n for n in flat if n not in dropped]
+    if vllm and flat:
+        notes.append(f"vllm: dropped {len(flat)} 1-D tensor(s) (vLLM refuses modules_to_save): {short_list(flat)}")
+        dropped, flat = dropped + flat, []
+    base = av.meta.get("base") if base is None else base
+    if flat and (base is None or (isinstance(base, (str, Path)) and not Path(base).exists())):
+        raise AVError(f"{short_list(flat)}: 1-D tensors go to modules_to_save as base + difference, but the base "
+                      f"{base} is not at hand; pass base= (CLI: --base) or vllm=True (CLI: --vllm) to drop them")
+    tensors, ranks, total, lost = {}, {}, 0.0, 0.0
+    for n in tqdm([n for n in av.names() if len(av.shape(n)) == 2], desc="export", disable=not progress, leave=False):
+        t = av.factors(n) or av[n]
+        n0 = t.norm() if isinstance(t, LowRank) else float(torch.linalg.vector_norm(t.float()))
+        f, err = low_rank(t, rank, energy)
+        total, lost = total + n0 * n0, lost + (n0 * err) ** 2
+        if vllm and f.rank > VLLM_RANKS[1]: raise AVError(f"{n}: rank {f.rank} is above vLLM's {VLLM_RANKS[1]}; pass a smaller rank")
+        if vllm and f.rank < VLLM_RANKS[0]: f = _padded(f, VLLM_RANKS[0])
+        ranks[n.removesuffix(".weight")] = f.rank
+        tensors.update(_lora_keys(n, f))
+    if vllm and any(r == VLLM_RANKS[0] for r in ranks.values()): notes.append(f"vllm: ranks below {VLLM_RANKS[0]} padded with zeros to {VLLM_RANKS[0]}")
+    saved = _saved_modules(av, flat, base) if flat else {}
+    r0 = Counter(ranks.values()).most_common(1)[0][0] if ranks else 8
+    pattern = {m: r for m, r in ranks.items() if r != r0}
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "r": r0, "lora_alpha": r0, "target_modules": sorted(ranks),
+              "rank_pattern": pattern, "alpha_pattern": dict(pattern), "use_rslora": False, "use_dora": False,
+              "fan_in_fan_out": False, "lora_dropout": 0.0, "bias": "none", "inference_mode": True,
+              "modules_to_save": sorted({k[len(PEFT_PREFIX):].rsplit(".", 1)[0] for k in saved}) or None,
+              "base_model_name_or_path": av.meta.get("base")}
+    with atomic_dir(out_dir, overwrite) as tmp:
+        with ShardWriter(tmp/ADAPTER_WEIGHTS, "1000GB", {"format": "pt"}, prefix="adapter_model", single_file=True,
+                         n_tensors_hint=len(tensors) + len(saved)) as w:
+            for k, t in {**tensors, **saved}.items(): w.add(k, t)
+        (tmp/ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    for note in notes: warnings.warn(note)
+    return {"path": Path(out_dir), "ranks": ranks, "modules_to_save": config["modules_to_save"] or [], "dropped": dropped,
+            "notes": notes, "relative_error": math.sqrt(lost / total) if total else 0.0}

@@ -21,7 +21,10 @@ from av_nbdev.compose import merge_checkpoint
 from av_nbdev.tensorio import CheckpointReader
 from av_nbdev.vectors import AlignmentVector
 
-MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml") or "/work/scratch/mk-venv/bin/mergekit-yaml"
+MERGEKIT = os.environ.get("MERGEKIT_YAML") or shutil.which("mergekit-yaml") or ""
+DETERMINISTIC_TOL = 1e-5  # max abs difference allowed on the deterministic methods (fp32 summation order)
+DARE_KEEP_TOL = 0.01      # kept-share gap allowed between two independent DARE masks (≥ 4.5 standard deviations on ~1e5 entries)
+DARE_L1_TOL = 1e-3        # gap allowed in L1(merged delta) / L1(full delta): both rescale to the original L1
 
 
 def make_models(d: Path, n_aligned=3):
@@ -83,13 +86,13 @@ def dare_stats(merged: dict, base: dict, density: float):
 
 
 def main():
-    if not Path(MERGEKIT).exists():
-        print(f"mergekit-yaml not found ({MERGEKIT}); set MERGEKIT_YAML"); return 0
+    if not (MERGEKIT and Path(MERGEKIT).exists()):
+        print(f"mergekit-yaml not found ({MERGEKIT or 'not on PATH'}); set MERGEKIT_YAML", file=sys.stderr); return 2
     d = Path(tempfile.mkdtemp(prefix="av_mk_"))
     torch.set_num_threads(2)
     make_models(d)
     base = load_dir(d / "base")
-    rows = []
+    rows, dare_gaps = [], []
     w2 = [("a0", 0.7), ("a1", -0.4)]
     w3 = [("a0", 1.0), ("a1", 0.5), ("a2", -0.8)]
     cases = [  # (label, mergekit method, our method, [(model, weight)], density, mergekit global params)
@@ -119,11 +122,14 @@ def main():
         (mk_keep, mk_l1), (av_keep, av_l1) = dare_stats(mk, base, density), dare_stats(av, base, density)
         print(f"dare_linear density {density}: kept share mergekit {mk_keep:.4f} / av_nbdev {av_keep:.4f}; "
               f"L1 of the merged delta / L1 of the full delta: mergekit {mk_l1 / l1_full:.6f} / av_nbdev {av_l1 / l1_full:.6f}")
-        rows.append((f"dare_linear density {density} keep-share gap", abs(mk_keep - av_keep)))
-    worst = max(r[1] for r in rows[:len(cases)])
-    print(f"worst max abs difference over the deterministic cases: {worst:.3g}")
+        dare_gaps.append((abs(mk_keep - av_keep), abs(mk_l1 - av_l1) / l1_full))
+    worst = max(r[1] for r in rows)
+    worst_keep, worst_l1 = (max(g[i] for g in dare_gaps) for i in (0, 1))
+    print(f"worst max abs difference over the deterministic cases: {worst:.3g} (allowed {DETERMINISTIC_TOL:g})")
+    print(f"DARE density < 1, worst gaps: kept share {worst_keep:.4f} (allowed {DARE_KEEP_TOL:g}), "
+          f"L1 ratio {worst_l1:.2g} (allowed {DARE_L1_TOL:g})")
     shutil.rmtree(d, ignore_errors=True)
-    return 0 if worst < 1e-5 else 1
+    return 0 if worst < DETERMINISTIC_TOL and worst_keep < DARE_KEEP_TOL and worst_l1 < DARE_L1_TOL else 1
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@ mergekit on two random ~0.94B-parameter Llama checkpoints.
     python bench/knobs.py knobs                 # (a) ~270M-param model, fp32 and bf16 (~2 min, ~5 GB RAM)
     python bench/knobs.py files --work DIR      # (b) writes ~15 GB under DIR (not in the repo), ~10 min
     python bench/knobs.py all --work DIR [--mergekit PATH/TO/mergekit-yaml] [--keep]
-    python bench/knobs.py gpu                   # CUDA: Llama-8B shapes in bf16, base on device and in pinned host memory
+    python bench/knobs.py gpu                   # CUDA: Llama-8B shapes in bf16, base on device and in pinned host memory;
+                                                # GB/s against the device's nominal and measured (copy) bandwidth
 
 Timings are medians over repeats; on a shared machine report the spread (min..max) with them.
 """
@@ -88,7 +89,23 @@ def bench_knob_move(dtype, shape="270m", device="cpu", base_on="device", repeats
     for base in [k for k in runs if k != "knob_move"]:
         out[f"ratio_vs_{base}"] = {"median": round(statistics.median(times[base]) / statistics.median(times["knob_move"]), 3),
                                    "min": round(min(times[base]) / min(times["knob_move"]), 3)}
+    # every contender reads two streams and writes one: bytes the program asks to move, per second
+    out["GB_per_s"] = {k: round(3 * out["bytes_per_tensor_stream"] / statistics.median(v) / 1e9, 1) for k, v in times.items()}
     return out
+
+
+def device_bandwidth(gb:float=4.0, repeats:int=10)->dict:
+    """The CUDA device's memory bandwidth: nominal (from its memory clock and bus width, when torch reports them) and
+    measured (a plain device-to-device copy of `gb` GB: read once, write once), to set knob moves' GB/s against."""
+    p = torch.cuda.get_device_properties(0)
+    clock, bus = getattr(p, "memory_clock_rate", None), getattr(p, "memory_bus_width", None)  # kHz, bits
+    a = torch.empty(int(gb * 1e9) // 2, dtype=torch.bfloat16, device="cuda"); b = torch.empty_like(a)
+    b.copy_(a); ts = []
+    for _ in range(repeats):
+        torch.cuda.synchronize(); t = time.perf_counter(); b.copy_(a); torch.cuda.synchronize(); ts.append(time.perf_counter() - t)
+    del a, b; torch.cuda.empty_cache()
+    return {"nominal_GB_per_s": round(2 * clock * 1e3 * bus / 8 / 1e9, 1) if clock and bus else None,
+            "copy_GB_per_s": round(2 * gb / statistics.median(ts), 1)}
 
 
 # ---------------------------------------------------------------- (b) files: extract / merge vs mergekit
@@ -224,8 +241,11 @@ def main():
         out["knob_move_270m"] = [bench_knob_move(torch.float32), bench_knob_move(torch.bfloat16)]
     if a.part == "gpu":  # 8B bf16: model + base + vector = 48 GB on the device; no flat baselines (memory)
         out["device_name"] = torch.cuda.get_device_name()
+        out["bandwidth"] = device_bandwidth()
         out["knob_move_8b_cuda"] = [bench_knob_move(torch.bfloat16, "8b", "cuda", where, repeats=10, flat=False)
                                     for where in ("device", "cpu")]
+        for r in out["knob_move_8b_cuda"]:
+            r["knob_move_share_of_copy_bandwidth"] = round(r["GB_per_s"]["knob_move"] / out["bandwidth"]["copy_GB_per_s"], 3)
     if a.part in ("files", "all"): out["files_0p94b"] = bench_files(a.work, a.mergekit, a.rounds, a.keep)
     print(json.dumps(out, indent=1))
 

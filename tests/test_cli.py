@@ -239,3 +239,96 @@ def test_demo_refuses_a_model_it_cannot_use(tmp_path):
     # anchored vectors need the tiny pipeline: asking for them with a real model is refused the same way
     assert_refused(av("demo", "--model", "smollm2", "--anchored", "--out", tmp_path/"report"), "tiny-model stages")
     assert not (tmp_path/"report").exists()
+
+
+# ---------------------------------------------------------------- LoRA adapters in, LoRA adapters out
+def peft_adapter(base, folder, **cfg):
+    "Save a PEFT LoRA adapter with B ≠ 0 on a copy of `base`; return PEFT's merge_and_unload() model."
+    import copy, warnings
+    from peft import LoraConfig, get_peft_model
+    torch.manual_seed(3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        p = get_peft_model(copy.deepcopy(base), LoraConfig(init_lora_weights=False, **cfg))
+        for n, w in p.named_parameters():
+            if "modules_to_save" in n: w.data.add_(torch.randn_like(w), alpha=0.1)
+        p.save_pretrained(folder)
+        return p.merge_and_unload()
+
+
+@pytest.fixture(scope="module")
+def adapter(ck):
+    "A rsLoRA adapter with a rank pattern, a LoRA embedding and a norm in modules_to_save, and PEFT's merged model."
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(ck/"base")
+    merged = peft_adapter(base, ck/"adapter", r=4, lora_alpha=8, use_rslora=True, modules_to_save=["model.norm"],
+                          target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"],
+                          rank_pattern={"layers.0.mlp.down_proj": 2}, alpha_pattern={"v_proj": 2})
+    return base, merged
+
+
+def test_extract_from_adapter_is_peft_merge(ck, adapter, tmp_path):
+    base, merged = adapter
+    r = av("extract", ck/"base", ck/"adapter", "-o", tmp_path/"ad.safetensors")
+    assert r.returncode == 0, r.stderr
+    got = load_file(tmp_path/"ad.safetensors")
+    want = {n: t - base.state_dict()[n] for n, t in merged.state_dict().items() if not torch.equal(t, base.state_dict()[n])}
+    assert want and all(float(d.abs().max()) > 1e-3 for d in want.values())  # ΔW ≠ 0
+    dense = {n: got[n + "::B"] @ got[n + "::A"] if n + "::A" in got else got[n] for n in want}
+    for n, d in want.items(): assert torch.allclose(dense[n], d, atol=1e-6), n
+    assert set(got) == {k for n in want for k in ((n + "::A", n + "::B") if n != "model.norm.weight" else (n,))}
+    info = av("info", tmp_path/"ad.safetensors")
+    assert info.returncode == 0 and "source: adapter" in info.stdout and "rank 2  norm" in info.stdout, info.stdout
+
+
+def test_adapter_that_is_not_plain_lora_is_refused(ck, adapter):
+    for key, value in (("use_dora", True), ("peft_type", "IA3"), ("layer_replication", [[0, 1]])):
+        d = bad_copy(ck, "adapter", f"ad-{key}")
+        (d/"adapter_config.json").write_text(json.dumps({**json.loads((d/"adapter_config.json").read_text()), key: value}))
+        before = listing(ck)
+        assert_refused(av("extract", ck/"base", d, "-o", ck/"x.safetensors"), d, key if key != "peft_type" else "IA3",
+                       before=before, folder=ck)
+    before = listing(ck)  # an adapter for another architecture: its keys match no base tensor
+    from transformers import LlamaConfig, LlamaForCausalLM
+    torch.manual_seed(0)
+    wide = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                                        num_attention_heads=2, num_key_value_heads=1))
+    peft_adapter(wide, ck/"ad-wide", r=2, lora_alpha=2, target_modules=["q_proj"])
+    before = listing(ck)
+    assert_refused(av("extract", ck/"base", ck/"ad-wide", "-o", ck/"x.safetensors"), ck/"ad-wide", "match no tensor of the base",
+                   before=before, folder=ck)
+
+
+def test_cast_extracts_bf16_base_with_fp32_finetune(ck, tmp_path):
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(ck/"base").to(torch.bfloat16).save_pretrained(tmp_path/"base16")
+    r = av("extract", tmp_path/"base16", ck/"aligned", "-o", tmp_path/"x.safetensors")
+    assert r.returncode == 2 and "--cast" in r.stderr and not (tmp_path/"x.safetensors").exists(), r.stderr
+    r = av("extract", tmp_path/"base16", ck/"aligned", "-o", tmp_path/"x.safetensors", "--cast")
+    assert r.returncode == 0, r.stderr
+    got, b16, a = load_file(tmp_path/"x.safetensors"), weights(tmp_path/"base16"), weights(ck/"aligned")
+    assert got and all(torch.equal(got[n], a[n] - b16[n].float()) for n in got)
+
+
+def test_export_lora_loads_in_peft_as_base_plus_vector(ck, tmp_path):
+    import copy, warnings
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+    base, aligned = (AutoModelForCausalLM.from_pretrained(ck/n).eval() for n in ("base", "aligned"))
+    ids = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(0))
+    want = aligned(ids).logits.detach()  # base + 1·AV
+    gaps = {}
+    for rank in (None, 2):
+        out = tmp_path/f"lora-{rank}"
+        r = av("export-lora", ck/"med.safetensors", "-o", out, *(["--rank", rank] if rank else []))
+        assert r.returncode == 0, r.stderr
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            got = PeftModel.from_pretrained(copy.deepcopy(base), out).eval()(ids).logits.detach()
+        gaps[rank] = float((got - want).abs().max())
+    assert gaps[None] < 1e-4 < gaps[2], gaps  # exact at full rank (fp32 rounding), not at rank 2
+    cfg = json.loads((tmp_path/"lora-2"/"adapter_config.json").read_text())
+    assert cfg["r"] == cfg["lora_alpha"] == 2 and cfg["base_model_name_or_path"] == str(ck/"base")
+    before = listing(tmp_path)
+    assert_refused(av("export-lora", ck/"med.safetensors", "-o", tmp_path/"lora-2", "--rank", "2"), "output exists",
+                   before=before, folder=tmp_path)
