@@ -24,9 +24,9 @@ from .judge import preference_shares, level_instruction, TfidfJudge, judge_accur
 from .sweep import sample_records, leakage_matrix, leakage_ratio
 
 # %% auto #0
-__all__ = ['mix_logits', 'DeRaModel', 'DeRa', 'decoder_layers', 'response_reads', 'steering_vectors', 'steered', 'split_halves',
-           'tensor_mb', 'kv_mb_per_token', 'BaselineGrids', 'soup_weights', 'expert_shares', 'answer_stats',
-           'choose_setting', 'domain_leakage', 'load_baselines', 'compare_baselines']
+__all__ = ['mix_logits', 'DeRaModel', 'DeRa', 'tensor_mb', 'kv_mb_per_token', 'decoder_layers', 'response_reads',
+           'steering_vectors', 'steered', 'split_halves', 'BaselineGrids', 'soup_weights', 'expert_shares',
+           'answer_stats', 'choose_setting', 'domain_leakage', 'load_baselines', 'compare_baselines']
 
 # %% ../nbs/12_baselines.ipynb #9f0c3710
 class _PairDecoder(nn.Module):
@@ -154,7 +154,18 @@ class DeRa:
         "Greedy or sampled tokens from the mixture (see `DeRaModel.generate`)."
         return self.at(lam).generate(input_ids, **generate_kwargs)
 
-# %% ../nbs/12_baselines.ipynb #0ba4083c
+# %% ../nbs/12_baselines.ipynb #b858ae75
+def tensor_mb(tensors)->float:
+    "Megabytes held by an iterable of tensors."
+    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
+
+def kv_mb_per_token(model)->float:
+    "Megabytes of KV cache one token costs the model (keys and values of every layer)."
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size() / 2**20
+
+# %% ../nbs/12_baselines.ipynb #5766f5f6
 def decoder_layers(model)->nn.ModuleList:
     "The decoder blocks of a transformers causal LM; block ℓ's output is the residual stream after ℓ+1 blocks."
     return model.get_decoder().layers
@@ -208,7 +219,7 @@ def steered(model, # The model (changed only inside the block)
     try: yield model
     finally: h.remove()
 
-# %% ../nbs/12_baselines.ipynb #e1709198
+# %% ../nbs/12_baselines.ipynb #70ede749
 def split_halves(records:list, # Held-out records, e.g. from `sweep.sample_records`
                 )->tuple[list, list]: # (tuning half, report half), each in domain order
     "Per domain, the first half of its records for choosing settings, the rest for reporting them."
@@ -218,17 +229,7 @@ def split_halves(records:list, # Held-out records, e.g. from `sweep.sample_recor
         tune += rs[:(len(rs) + 1) // 2]; report += rs[(len(rs) + 1) // 2:]
     return tune, report
 
-def tensor_mb(tensors)->float:
-    "Megabytes held by an iterable of tensors."
-    return sum(t.numel() * t.element_size() for t in tensors) / 2**20
-
-def kv_mb_per_token(model)->float:
-    "Megabytes of KV cache one token costs the model (keys and values of every layer)."
-    c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
-    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * next(model.parameters()).element_size() / 2**20
-
-# %% ../nbs/12_baselines.ipynb #5cd492d6
+# %% ../nbs/12_baselines.ipynb #80e5c144
 @dataclass
 class BaselineGrids:
     "The settings each method may choose from on the tuning half."
@@ -247,7 +248,7 @@ def soup_weights(domain:str, # The domain served
     rest = (1 - w) / (len(domains) - 1) if len(domains) > 1 else 0.0
     return {d: (w if d == domain else rest) for d in domains}
 
-# %% ../nbs/12_baselines.ipynb #fb99cde6
+# %% ../nbs/12_baselines.ipynb #7ecb9e32
 def expert_shares(model, tokenizer, # A model-like object at one setting, and the tokenizer
                   records:list, # Held-out records (any domains)
                   instruction:str|None=None, # Prompting's instruction line; None for the other methods
@@ -288,7 +289,7 @@ def domain_leakage(base_shares:dict, method_shares:dict, # `expert_shares` on th
             for lam, sh in ((0.0, base_shares), (1.0, method_shares)) for d, s in sh.items()]
     return float(leakage_ratio(leakage_matrix(pd.DataFrame(rows), lam=1.0)).loc[domain])
 
-# %% ../nbs/12_baselines.ipynb #aef8b205
+# %% ../nbs/12_baselines.ipynb #d0048fd4
 @contextlib.contextmanager
 def _plain(model, instruction=None): yield model, instruction
 
@@ -335,7 +336,7 @@ def _cost(method:str, d:str, setting:dict, res:dict, base_res:dict, s)->tuple:
     extra = res["batch_size"] * max(0.0, res["prompt_tokens"] - base_res["prompt_tokens"])
     return extra * kv_mb_per_token(s.model), None
 
-# %% ../nbs/12_baselines.ipynb #64b6353c
+# %% ../nbs/12_baselines.ipynb #101eea61
 def _timed(f):
     t0 = time.perf_counter(); out = f(); return out, time.perf_counter() - t0
 

@@ -26,12 +26,14 @@ from .judge import TfidfJudge, judge_accuracy, prompting_baseline, cost_summary
 from .scoring import generate_answers
 from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
-                           save_figure)
+                           save_figure, dial_settings)
+from .baselines import compare_baselines
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file', 'dpo_stage', 'real_stage',
-           'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage', 'retrain_targets',
-           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'run_demo', 'write_report', 'summary_text']
+__all__ = ['REAL_DEMO', 'MARKER', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file', 'dpo_stage',
+           'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
+           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
+           'baselines_stage', 'run_demo', 'write_report', 'summary_text', 'results_table', 'readme_section']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -52,10 +54,11 @@ class DemoConfig:
     leak_lams:tuple = (1.0, 2.0) # λ values at which leakage is reported
     transfer_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values applied to the pretrain-only checkpoint (tiny model only)
     real_pairs:int = 64 # DPO pairs per domain when the base is a real model (`run_demo(model=...)`)
+    baseline_per_domain:int = 8 # Held-out records per domain in the baselines table (0: no table; tiny model only)
 
 # A real model is ~130× the tiny one: a few queries, a short grid; no anchoring, retraining or transfer stage.
 REAL_DEMO = DemoConfig(per_domain=4, grid=(0.0, 0.5, 1.0, 1.5, 2.0), n_generate=2, md_grid=(0.0, 2.0), probes=(1.0, 2.0),
-                       retrain_targets=(), n_cost=3, anchored=False, leak_lams=(1.0,), transfer_grid=())
+                       retrain_targets=(), n_cost=3, anchored=False, leak_lams=(1.0,), transfer_grid=(), baseline_per_domain=0)
 
 # %% ../nbs/10_demo.ipynb #516cca69
 MARKER = ".av-demo"
@@ -235,6 +238,20 @@ def run_stages(stages:Path, # Where stage results live
     return run_jobs({n: (after, lambda r, n=n, make=make: (_job, (stages, n, *make(r)))) for n, (after, make) in jobs.items()},
                     workers, "demo stages", progress, here=stored)
 
+# %% ../nbs/10_demo.ipynb #3fdb105f
+def report_path(p:str|Path, # A file or folder the report refers to
+                out:Path, # The report folder
+               )->str: # Relative to `out` when inside it, else absolute
+    "How report.json names a path: relative to the report folder, so a moved or shared report still resolves."
+    p, out = Path(p).resolve(), Path(out).resolve()
+    return str(p.relative_to(out)) if p.is_relative_to(out) else str(p)
+
+def baselines_stage(paths:dict, # The base and one plain DPO model per domain
+                    cfg:DemoConfig|dict)->dict:
+    "The baselines table (`baselines.compare_baselines`): every method's setting chosen on a tuning half, reported on the other."
+    cfg = _config(cfg)
+    return compare_baselines({k: Path(v) for k, v in paths.items()}, per_domain=cfg.baseline_per_domain, seed=cfg.seed)
+
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
              cfg:DemoConfig|None=None, # Sizes; default `DemoConfig()`
@@ -286,6 +303,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
     jobs["cost"] = stage("cost_stage", ("plain",), (base, vec("plain"), c))
+    if model is None and cfg.baseline_per_domain:
+        jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
+                             lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
+                                        "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     if "pretrain" in shared and cfg.transfer_grid:
         jobs["transfer"] = stage("sweep_stage", ("plain",), (shared["pretrain"], vec("plain"), sample, c, False, cfg.transfer_grid, True))
     res, t_stages = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
@@ -320,8 +341,15 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                               "targets_grid": grid["best"], "targets_surrogate": surr["best"]},
               "cost": _records(cost), "retrain": _records(retrain),
               "transfer": _records(spectrum_summary(transfer)) if len(transfer) else [],
-              "paths": {"checkpoints": {k: {s: str(v) for s, v in p.items()} for k, p in paths.items()},
-                        "vectors": {f"{k}/{d}": str(f) for (k, d), f in files.items()}}}
+              "paths": {"checkpoints": {k: {s: report_path(v, out) for s, v in p.items()} for k, p in paths.items()},
+                        "vectors": {f"{k}/{d}": report_path(f, out) for (k, d), f in files.items()}}}
+    report |= {"knobs": {d: {"vector": report_path(files[("plain", d)], out), "domain": d, "level": "expert"} for d in DOMAINS},
+               "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
+               "dial": dial_settings(sweep)}
+    report["multidomain"]["best"] = [{"target": {d: r[f"target_{d}"] for d in DOMAINS}, "lambdas": {d: r[f"lam_{d}"] for d in DOMAINS},
+                                      "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in surr["best"]]
+    report["multidomain"]["best_from"] = "surrogate"
+    if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     write_report(out, report, sweep, transfer, leaks, summary, cost, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))
@@ -369,7 +397,14 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, co
            "`av_seconds`: the surrogate search's wall time shared over the 27 targets it solves; vectors trained once. "
            "Retraining uses the vectors' DPO settings on the mixed-preference pairs of all three domains.", "",
            "## Transfer across training stages", "",
-           md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", ""]
+           md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
+           "## The dial: the swept λ at which each level is the strict plurality in its own domain", "",
+           md_table(pd.DataFrame([{"domain": d, **{l: (None if s is None else s[d]) for l, s in lv.items()}} for d, lv in report["dial"].items()])), ""]
+    if report.get("baselines"):
+        cond = report["baselines_conditions"]
+        md += ["## Baselines (setting chosen on a tuning half, reported on the other half)", "",
+               md_table(pd.DataFrame(report["baselines"]).assign(setting=lambda t: t.setting.map(json.dumps))), "",
+               f"Conditions: {json.dumps(cond, default=str)}", ""]
     with atomic_path(out/"report.json", overwrite=True) as tmp: tmp.write_text(json.dumps(report, indent=1, default=float))
     with atomic_path(out/"report.md", overwrite=True) as tmp: tmp.write_text("\n".join(md))
 
@@ -393,3 +428,48 @@ def summary_text(report:dict, out:Path)->str:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
     lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]
     return "\n".join(lines)
+
+# %% ../nbs/10_demo.ipynb #b87ec9b0
+RESULTS_MARKERS = ("<!-- results:start -->", "<!-- results:end -->")
+
+def results_table(report:dict, # A `report.json` of `av demo`
+                 )->str: # A markdown table of the headline numbers
+    "The README's table of headline numbers, made from one demo report."
+    by = lambda rows, **kw: [r for r in rows if all(r.get(k) == v for k, v in kw.items())]
+    pref = by(report["spectrum"], metric="preference", vectors="plain")
+    judged = by(report["spectrum"], metric="judged", vectors="plain")
+    dpo = " / ".join(f"{m['heldout_reward_accuracy']:.2f}" for m in report["dpo_metrics"]["plain"])
+    share = "; ".join(f"{r['knob']} {_num(r['share_at_0'])} → {_num(r['share_at_best'])} at λ={r['best_lam']:g} "
+                      f"(Spearman {_num(r['spearman'])}, well-formed {_num(r['well_formed_at_best'])})" for r in pref)
+    jshare = "; ".join(f"{r['knob']} {_num(r['share_at_0'])} → {_num(r['share_at_best'])} at λ={r['best_lam']:g}" for r in judged)
+    leak = "; ".join(f"{n.split(', ')[1]}: " + " / ".join(f"{v:.2f}" for v in l["ratio"].values()) for n, l in report["leakage"].items())
+    md_ = report["multidomain"]
+    dial = report.get("dial", {})
+    reached = "; ".join(f"{d} " + ", ".join(l for l, s in lv.items() if s is not None) for d, lv in dial.items())
+    cost = "; ".join(f"{c['method']} {_num(c['expert_share'])} expert, {c['prompt_tokens']:.0f} prompt tokens, "
+                     f"{c['ms_per_answer']:.0f} ms/answer" for c in report["cost"])
+    rows = [("DPO held-out reward accuracy (medical / legal / financial)", dpo),
+            ("judge (TF-IDF + logistic regression) accuracy on held-out labelled responses", f"{report['judge_accuracy']:.3f}"),
+            ("expert share, likelihood, λ=0 → best λ with greedy answers ≥ 0.8 well-formed", share),
+            ("expert share, judged greedy answers", jshare),
+            ("levels reached by each domain's dial (strict plurality on its own queries)", reached or "–"),
+            ("leakage ratio (in-domain expert-share shift / largest off-domain shift)", leak),
+            (f"multidomain, {len(md_['targets_grid'])} targets ({md_['vectors']} vectors)",
+             f"paper's grid {md_['grid']['reached']} in {md_['grid']['evaluations']} evaluations; "
+             f"probe–solve–verify search {md_['surrogate']['reached']} in {md_['surrogate']['evaluations']}"),
+            (f"prompting vs vector (expert answers, judged, {report['cost'][0]['answers']} queries)", cost)]
+    rows += [("retraining vs vector (" + ", ".join(f"{k.removeprefix('target_')} {v}" for k, v in r.items() if k.startswith("target_")) + ")",
+              f"joint DPO {r['retrain_seconds']:.1f} s (reached: {r['retrain_reached']}, accuracy {r['retrain_accuracy']:.2f}) vs "
+              f"{r['av_seconds']:.2f} s of search (reached: {r['av_reached']}, accuracy {r['av_accuracy']:.2f}): {r['speedup']:.0f}×")
+             for r in report["retrain"]]
+    for b in report.get("baselines", []):
+        rows.append((f"baseline: {b['method']}", f"expert share {_num(b['expert_share'])}, judged {_num(b['expert_share_judged'])}, "
+                     f"well-formed {_num(b['well_formed'])}, {_num(b['ms_per_answer'])} ms/answer, {_num(b['prompt_tokens'])} prompt tokens"))
+    return "\n".join(["| what | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+def readme_section(text:str, # A README's text
+                  )->str: # What stands between the result markers
+    "The results table a README holds between `RESULTS_MARKERS`."
+    a, b = RESULTS_MARKERS
+    if a not in text or b not in text: raise AVError(f"README: markers {a} … {b} not found")
+    return text.split(a, 1)[1].split(b, 1)[0].strip()

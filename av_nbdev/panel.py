@@ -21,7 +21,7 @@ __all__ = ['LAMBDA_RANGE', 'LAMBDA_STEP', 'TARGET_KEYS', 'knob_slider', 'shares_
            'target_label', 'KnobPanel']
 
 # %% ../nbs/08_panel.ipynb #76b80c7f
-LAMBDA_RANGE = (-1.5, 3.0)  # default slider range: holds every λ of `av demo`'s grid
+LAMBDA_RANGE = (-1.5, 3.0)  # default slider range (it holds every λ of `av demo`'s grid)
 LAMBDA_STEP = 0.05  # default slider step
 
 def knob_slider(name:str, # Knob name (the slider's label)
@@ -34,7 +34,7 @@ def knob_slider(name:str, # Knob name (the slider's label)
     if not lo < hi: raise AVError(f"knob_slider {name}: empty λ range {tuple(lam_range)} (need min < max)")
     return W.FloatSlider(value=min(max(value, lo), hi), min=lo, max=hi, step=step,
                          description=name, continuous_update=False, readout_format=".2f",
-                         style={"description_width": "90px"}, layout=W.Layout(width="380px"))
+                         style={"description_width": "90px"}, layout=W.Layout(width="360px"))
 
 # %% ../nbs/08_panel.ipynb #14479e80
 def shares_png(shares:dict, # level -> share of queries preferring it
@@ -192,10 +192,8 @@ def _make_widgets(self:KnobPanel, max_new_tokens, temperature, seed, greedy):
 def _dial_buttons(self:KnobPanel, domain:str, levels:dict)->W.ToggleButtons:
     "One domain's dial: a toggle button per reached level (its setting as tooltip)."
     reached = [l for l, s in levels.items() if s]
-    buttons = W.ToggleButtons(options=reached, value=None, description=domain,
-                              tooltips=[", ".join(f"{k}={v:+.2f}" for k, v in levels[l].items()) for l in reached],
-                              style={"description_width": "90px", "button_width": "84px"})
-    buttons.add_class("knob-panel-dial")
+    buttons = W.ToggleButtons(options=reached, value=None, style={"button_width": "auto"},
+                              tooltips=[", ".join(f"{k}={v:+.2f}" for k, v in levels[l].items()) for l in reached])
     buttons.observe(lambda ch: self._on_choice(levels.get(ch["new"])), names="value")
     return buttons
 
@@ -204,8 +202,10 @@ def _dial_box(self:KnobPanel)->W.VBox:
     rows = [W.HTML("<b>Dials</b> &nbsp;one level per domain")]
     for domain, buttons in self.dials.items():
         missing = [l for l, s in self.dial[domain].items() if not s]
-        note = W.HTML(f"<span style='color:#888'>not reached: {html.escape(', '.join(missing))}</span>")
-        rows.append(W.HBox([buttons, note]) if missing else buttons)
+        note = [W.HTML(f"<span style='color:#888'>not reached: {html.escape(', '.join(missing))}</span>")] if missing else []
+        row = W.HBox([W.Label(domain, layout=W.Layout(width="70px")), buttons, *note])
+        row.add_class("knob-panel-dial")  # one domain's row: its name, its levels, those not reached
+        rows.append(row)
     return W.VBox(rows)
 
 @patch
@@ -266,9 +266,10 @@ def set_lambdas(self:KnobPanel, **lambdas):
 def _on_knob(self:KnobPanel, change):
     if self._in_one_change(): return
     try:
-        self.apply()
-        self.refresh_chart()
-        self._sync_choices()
+        with self.knobs.lock:  # the dials show the choice of the λs just applied, not of a move in another thread
+            self.apply()
+            self.refresh_chart()
+            self._sync_choices()
     except Exception as e: self._show_error(e)  # a callback's exception would vanish into the kernel log
 
 @patch

@@ -16,14 +16,15 @@ import matplotlib.pyplot as plt
 import seaborn as sns
 
 from .core import AVError, atomic_path
-from .data import DOMAINS, LEVELS
+from .data import DOMAINS, LEVELS, domains_of, levels_of
 from .judge import JUDGE_LABELS
-from .scoring import preference_table, generate_answers, answer_problem
+from .scoring import preference_table, table_levels, generate_answers, answer_problem
 
 # %% auto #0
-__all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'lambda_sweep', 'spectrum_summary',
-           'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'target_score',
-           'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'retrain_target']
+__all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'knob_domains', 'lambda_sweep',
+           'sweep_levels', 'spectrum_summary', 'dial_settings', 'save_figure', 'plot_spectrum', 'leakage_matrix',
+           'leakage_ratio', 'plot_leakage', 'targets_for', 'target_score', 'grid_search', 'probe_curves',
+           'surrogate_shares', 'surrogate_search', 'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -33,7 +34,7 @@ def sample_records(records:list, # Records in the data schema
     "A seeded sample of `per_domain` records from each domain, in domain order."
     rng = np.random.default_rng(seed)
     out = []
-    for d in DOMAINS:
+    for d in domains_of(records):
         rs = [r for r in records if r["domain"] == d]
         keep = sorted(rng.choice(len(rs), size=min(per_domain, len(rs)), replace=False))
         out += [rs[i] for i in keep]
@@ -51,9 +52,16 @@ def evaluate(knobs, # `Knobs` over the model
 
 def share_matrix(table:pd.DataFrame, # From `preference_table`/`evaluate`
                 )->pd.DataFrame: # domains × levels, shares per row
-    "Share of each domain's queries preferring each level."
+    "Share of each domain's queries preferring each level (domains in first-seen order, levels in the table's order)."
     m = pd.crosstab(table["domain"], table["preferred"], normalize="index")
-    return m.reindex(index=[d for d in DOMAINS if d in set(table["domain"])], columns=list(LEVELS), fill_value=0.0)
+    return m.reindex(index=list(dict.fromkeys(table["domain"])), columns=list(table_levels(table)), fill_value=0.0)
+
+def knob_domains(knobs, # `Knobs` (or anything with `.meta`: knob -> vector metadata)
+                )->dict: # knob -> domain
+    "Each knob's domain, from its vector's metadata (`domain`), never from the knob's name."
+    missing = [k for k, m in knobs.meta.items() if not m.get("domain")]
+    if missing: raise AVError(f"vector of knob {missing[0]!r}: no 'domain' in its metadata (extract it with domain=...)")
+    return {k: m["domain"] for k, m in knobs.meta.items()}
 
 # %% ../nbs/07_sweep.ipynb #bcd74859
 GRID = tuple(float(x) for x in np.round(np.arange(-1.5, 1.51, 0.25), 2))
@@ -61,9 +69,8 @@ GRID = tuple(float(x) for x in np.round(np.arange(-1.5, 1.51, 0.25), 2))
 def _judged_rows(knobs, tokenizer, records, judge, n_generate, max_new_tokens)->list:
     "Greedy answers to the first `n_generate` queries per domain: judged label shares and well-formed share."
     rows = []
-    for d in DOMAINS:
+    for d in domains_of(records):
         qs = [r["query"] for r in records if r["domain"] == d][:n_generate]
-        if not qs: continue
         ans = generate_answers(knobs.model, tokenizer, qs, do_sample=False, max_new_tokens=max_new_tokens)
         ok = float(ans.answer.map(answer_problem).isna().mean())
         labels = pd.Series(judge(list(zip(ans["query"], ans["answer"])))) if judge else None
@@ -83,46 +90,72 @@ def lambda_sweep(knobs, # `Knobs` over the model
                  max_new_tokens:int=96, # Answer length bound
                  cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
                  progress:bool=False, # tqdm bar over the grid
-                )->pd.DataFrame: # knob, lam, domain, metric, level, share, well_formed, margin
+                )->pd.DataFrame: # knob, knob_domain, lam, domain, metric, level, share, well_formed, margin
     "Move one knob over `grid`; tidy rows of level shares per λ and evaluated domain."
     from tqdm.auto import tqdm
-    own, rows = [r for r in records if r["domain"] == knob], []
+    kd = knob_domains(knobs)[knob]
+    own, rows = [r for r in records if r["domain"] == kd], []
     for lam in tqdm(grid, desc=f"sweep {knob}", disable=not progress, leave=False):
         every = cross_lams is None or not own or bool(np.isclose(lam, cross_lams).any())
         recs, at = (records if every else own), []
         with knobs.using(**{knob: float(lam)}):
             t = preference_table(knobs.model, tokenizer, recs)
+            levels = list(table_levels(t))
             for d, g in t.groupby("domain", sort=False):
-                for lvl in LEVELS:
+                for lvl in levels:
                     at.append({"domain": d, "metric": "preference", "level": lvl,
                                "share": float((g.preferred == lvl).mean()), "well_formed": np.nan,
-                               "margin": float((g[lvl] - g[[l for l in LEVELS if l != lvl]].max(axis=1)).mean())})
+                               "margin": float((g[lvl] - g[[l for l in levels if l != lvl]].max(axis=1)).mean())})
             if n_generate: at += _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)
-        rows += [{"knob": knob, "lam": float(lam), **r} for r in at]
-    cols = ["knob", "lam", "domain", "metric", "level", "share", "well_formed", "margin"]
+        rows += [{"knob": knob, "knob_domain": kd, "lam": float(lam), **r} for r in at]
+    cols = ["knob", "knob_domain", "lam", "domain", "metric", "level", "share", "well_formed", "margin"]
     return pd.DataFrame(rows).reindex(columns=cols)
+
+def sweep_levels(sweep:pd.DataFrame, # From `lambda_sweep`
+                )->list: # The compared levels, low to high
+    "The levels of a sweep's preference rows, in the dataset's order."
+    return list(dict.fromkeys(sweep.loc[sweep.metric == "preference", "level"]))
 
 # %% ../nbs/07_sweep.ipynb #ee0f7f77
 def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
-                     level:str="expert", # The level each vector was trained to prefer
+                     level:str|None=None, # The level each vector was trained to prefer; default the highest
                      metric:str="preference", # "preference" (likelihood) or "judged" (greedy answers, judge labels)
                      min_well_formed:float=0.8, # The best λ must keep this well-formed share (where it was measured)
                     )->pd.DataFrame: # One row per knob
     "Per knob, on its own domain: Spearman(λ, share of `level`), best λ, share and well-formed share there."
-    rows = []
+    level, rows = level or sweep_levels(sweep)[-1], []
     for k, g in sweep.groupby("knob", sort=False):
-        own = g[(g.domain == k) & (g.metric == metric) & (g.level == level)].sort_values("lam")
+        home = g.domain == g.knob_domain
+        own = g[home & (g.metric == metric) & (g.level == level)].sort_values("lam")
         if own.empty: continue
-        wf = g[(g.domain == k) & (g.metric == "judged")].groupby("lam").well_formed.first().reindex(own.lam)
+        wf = g[home & (g.metric == "judged")].groupby("lam").well_formed.first().reindex(own.lam)
         usable = own[(wf.isna() | (wf >= min_well_formed)).values]  # unmeasured λs are not ruled out
         best = (usable if len(usable) else own).loc[lambda d: d.share.idxmax()]
-        rows.append({"knob": k, "metric": metric, "level": level,
+        rows.append({"knob": k, "domain": g.knob_domain.iloc[0], "metric": metric, "level": level,
                      "spearman": float(own.lam.corr(own.share, method="spearman")),
                      "best_lam": float(best.lam), "share_at_best": float(best.share),
                      "share_at_0": float(own[own.lam == 0].share.iloc[0]) if (own.lam == 0).any() else np.nan,
                      "well_formed_at_best": float(wf.loc[best.lam]) if best.lam in wf.index else np.nan,
                      "best_lam_any": float(own.loc[own.share.idxmax()].lam)})
     return pd.DataFrame(rows)
+
+# %% ../nbs/07_sweep.ipynb #1d8bd680
+def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
+                  metric:str="preference", # Which shares decide
+                 )->dict: # domain -> level -> {knob: λ} (the domain's knobs), or None where not reached
+    "Per domain and level, the swept setting at which that level is the strict plurality of the domain's own queries."
+    own = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == metric)]
+    levels, out = sweep_levels(sweep), {}
+    for d, g in own.groupby("knob_domain", sort=False):
+        knobs_ = list(dict.fromkeys(g.knob))
+        shares = g.pivot_table(index=["knob", "lam"], columns="level", values="share").reindex(columns=levels, fill_value=0.0)
+        out[d] = {}
+        for lvl in levels:
+            wins = shares[shares[lvl] > shares.drop(columns=lvl).max(axis=1)]
+            if wins.empty: out[d][lvl] = None; continue
+            (k, lam) = max(wins.index, key=lambda i: (wins.loc[i, lvl], -abs(i[1])))
+            out[d][lvl] = {kk: (float(lam) if kk == k else 0.0) for kk in knobs_}
+    return out
 
 # %% ../nbs/07_sweep.ipynb #f41a7317
 LEVEL_COLORS = {"avoidance": "#c44e52", "generic": "#8c8c8c", "expert": "#4c72b0", "malformed": "#dd8452"}
@@ -140,14 +173,15 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
                  ):
     "Stacked areas of level shares against λ, one panel per knob on its own domain."
     knobs_ = list(dict.fromkeys(sweep.knob))
-    levels = list(LEVELS) if metric == "preference" else list(JUDGE_LABELS)
+    levels = sweep_levels(sweep) if metric == "preference" else list(JUDGE_LABELS)
+    colors = dict(zip(levels, sns.color_palette("deep", len(levels)))) | LEVEL_COLORS
     sns.set_theme(style="whitegrid")
     fig, axes = plt.subplots(1, len(knobs_), figsize=(4.2 * len(knobs_), 3.2), sharey=True, squeeze=False)
     for ax, k in zip(axes[0], knobs_):
-        g = sweep[(sweep.knob == k) & (sweep.domain == k) & (sweep.metric == metric)]
+        g = sweep[(sweep.knob == k) & (sweep.domain == sweep.knob_domain) & (sweep.metric == metric)]
         p = g.pivot_table(index="lam", columns="level", values="share").reindex(columns=levels, fill_value=0.0)
-        ax.stackplot(p.index, *(p[l] for l in levels), labels=levels, colors=[LEVEL_COLORS[l] for l in levels], alpha=0.9)
-        ax.set(title=f"{k} vector on {k} queries", xlabel="λ", ylim=(0, 1), xlim=(p.index.min(), p.index.max()))
+        ax.stackplot(p.index, *(p[l] for l in levels), labels=levels, colors=[colors[l] for l in levels], alpha=0.9)
+        ax.set(title=f"{k} vector on {g.knob_domain.iloc[0]} queries", xlabel="λ", ylim=(0, 1), xlim=(p.index.min(), p.index.max()))
         ax.axvline(0, color="k", lw=0.8, ls=":"); ax.axvline(1, color="k", lw=0.8, ls="--")
     axes[0][0].set_ylabel(f"share ({metric})")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -158,22 +192,26 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
 # %% ../nbs/07_sweep.ipynb #93e3c894
 def leakage_matrix(sweep:pd.DataFrame, # `lambda_sweep`s of several knobs over all domains' records
                    lam:float=1.0, # Compare λ=lam against λ=0
-                   level:str="expert", # The level whose share shifts
-                  )->pd.DataFrame: # vectors (rows) × evaluated domains (columns): share shift
-    "Shift in the share preferring `level` from λ=0 to λ=`lam`, per vector and evaluated domain."
+                   level:str|None=None, # The level whose share shifts; default the highest
+                  )->pd.DataFrame: # knobs (rows, index `knob`) × evaluated domains (columns): share shift
+    "Shift in the share preferring `level` from λ=0 to λ=`lam`, per knob and evaluated domain."
+    level = level or sweep_levels(sweep)[-1]
     p = sweep[(sweep.metric == "preference") & (sweep.level == level)]
     at = lambda x: p[np.isclose(p.lam, x)].pivot_table(index="knob", columns="domain", values="share")
     if at(0.0).empty or at(lam).empty: raise AVError(f"leakage_matrix: the sweep has no rows at λ=0 and λ={lam}")
     m = at(lam) - at(0.0)
-    return m.reindex(index=[k for k in DOMAINS if k in m.index], columns=[d for d in DOMAINS if d in m.columns])
+    return m.reindex(index=[k for k in dict.fromkeys(p.knob) if k in m.index],
+                     columns=[d for d in dict.fromkeys(p.domain) if d in m.columns])
 
 def leakage_ratio(matrix:pd.DataFrame, # From `leakage_matrix`
-                 )->pd.Series: # per vector: in-domain shift / largest |off-domain shift|
+                  knob_domain:dict|None=None, # knob -> its domain; default each knob's own name (knobs named by domain)
+                 )->pd.Series: # per knob: in-domain shift / largest |off-domain shift|
     "How much more a vector moves its own domain than the others (≥ 2 is the goal)."
     out = {}
     for k in matrix.index:
-        off = matrix.loc[k].drop(k).abs().max()
-        own = matrix.loc[k, k]
+        d = (knob_domain or {}).get(k, k)
+        off = matrix.loc[k].drop(d).abs().max()
+        own = matrix.loc[k, d]
         out[k] = float(own / off) if off > 0 else (float("inf") if own > 0 else float("nan"))  # no shift at all: undefined
     return pd.Series(out, name="leakage_ratio")
 
@@ -190,58 +228,74 @@ def plot_leakage(matrix:pd.DataFrame, # From `leakage_matrix`
     if fig is not None: fig.tight_layout(); save_figure(fig, path)
     return ax.figure
 
-# %% ../nbs/07_sweep.ipynb #e7851748
-TARGETS = tuple(dict(zip(DOMAINS, c)) for c in itertools.product(LEVELS, repeat=len(DOMAINS)))
 
-def target_score(shares:pd.DataFrame|np.ndarray, # domains × levels share matrix (`share_matrix`)
+# %% ../nbs/07_sweep.ipynb #e7851748
+def targets_for(domains:tuple, # The domains a target sets
+                levels:tuple, # The levels each domain can take
+               )->tuple: # One dict {domain: level} per combination, len(levels)**len(domains) of them
+    "Every multidomain target: one level per domain."
+    return tuple(dict(zip(domains, c)) for c in itertools.product(levels, repeat=len(domains)))
+
+TARGETS = targets_for(DOMAINS, LEVELS)
+
+def target_score(shares:pd.DataFrame, # domains × levels share matrix (`share_matrix`)
                  target:dict, # domain -> level
                 )->tuple[bool, float]: # (reached, accuracy)
-    "Whether every domain's plurality level is its target, and the mean target share."
-    s = np.asarray(shares, dtype=float)
-    idx = [LEVELS.index(target[d]) for d in DOMAINS]
-    got = s[np.arange(len(DOMAINS)), idx]
-    reached = bool(np.all(got >= s.max(axis=1) - 1e-12) and np.all(got > 0))
-    return reached, float(got.mean())
+    "Reached: in every target domain the target level is the strict plurality (a tie is not reached); accuracy: the mean target share."
+    got, reached = [], True
+    for d, lvl in target.items():
+        row = shares.loc[d]
+        got.append(float(row[lvl]))
+        reached &= bool(row[lvl] > row.drop(lvl).max())
+    return reached, float(np.mean(got))
 
 # %% ../nbs/07_sweep.ipynb #275ba490
-def _best_per_target(evals:list)->pd.DataFrame:
+def _best_per_target(evals:list, targets:tuple)->pd.DataFrame:
     "Per target, the reaching evaluation with the highest accuracy (or the best non-reaching one)."
     rows = []
-    for t in TARGETS:
+    for t in targets:
         scored = [(target_score(m, t), lam) for lam, m in evals]
         (reached, acc), lam = max(scored, key=lambda x: (x[0][0], x[0][1]))
-        rows.append({**{f"target_{d}": t[d] for d in DOMAINS}, "reached": reached, "accuracy": acc,
-                     **{f"lam_{d}": lam[d] for d in DOMAINS}})
+        rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc,
+                     **{f"lam_{k}": v for k, v in lam.items()}})
     return pd.DataFrame(rows)
 
-def grid_search(knobs, # `Knobs` with one vector per domain
+def _search_space(knobs, records:list, knob_names, targets)->tuple:
+    "The knobs a search moves (default all) and the targets it solves (default every combination of the records' levels)."
+    names = list(knob_names or knobs.lambdas)
+    return names, tuple(targets or targets_for(domains_of(records), levels_of(records)))
+
+def grid_search(knobs, # `Knobs` (any number of knobs, several per domain allowed)
                 tokenizer, # Its tokenizer
                 records:list, # Held-out records of every domain
                 grid=(-1.0, -0.5, 0.0, 0.5, 1.0, 1.5), # λ values per knob
+                targets:tuple|None=None, # {domain: level} dicts; default every combination (`targets_for`)
+                knob_names:list|None=None, # Knobs to move; default all
                 progress:bool=False,
                )->tuple[pd.DataFrame, int]: # (best per target, evaluations used)
     "The paper's multidomain search: every λ combination on `grid`."
     from tqdm.auto import tqdm
+    names, targets = _search_space(knobs, records, knob_names, targets)
     evals = []
-    for combo in tqdm(list(itertools.product(grid, repeat=len(DOMAINS))), desc="grid", disable=not progress, leave=False):
-        lam = dict(zip(DOMAINS, map(float, combo)))
-        evals.append((lam, share_matrix(evaluate(knobs, tokenizer, records, **lam)).values))
-    return _best_per_target(evals), len(evals)
+    for combo in tqdm(list(itertools.product(grid, repeat=len(names))), desc="grid", disable=not progress, leave=False):
+        lam = dict(zip(names, map(float, combo)))
+        evals.append((lam, share_matrix(evaluate(knobs, tokenizer, records, **lam))))
+    return _best_per_target(evals, targets), len(evals)
 
 # %% ../nbs/07_sweep.ipynb #9fe8aa35
-def _scores(table:pd.DataFrame)->np.ndarray: return table[list(LEVELS)].to_numpy(dtype=np.float64)
-
 def probe_curves(knobs, tokenizer, records:list, # As for `grid_search`
                  probes=(-1.0, -0.5, 0.5, 1.0, 1.5), # λ values per knob (0 is always probed)
-                )->tuple[np.ndarray, dict, list]: # (probe λs incl. 0, {knob: scores [P, Q, L]}, domains of the rows)
+                 knob_names:list|None=None, # Knobs to probe; default all
+                )->tuple[np.ndarray, dict, pd.DataFrame]: # (probe λs incl. 0, {knob: scores [P, Q, L]}, the λ=0 table)
     "Per-query, per-level scores with each knob alone at each probe value (knob values restored afterwards)."
+    names = list(knob_names or knobs.lambdas)
     pts = np.array(sorted(set(map(float, probes)) | {0.0}))
-    t0 = evaluate(knobs, tokenizer, records, **{k: 0.0 for k in DOMAINS})
-    base = _scores(t0)
-    curves = {k: np.stack([base if p == 0 else _scores(evaluate(knobs, tokenizer, records,
-                                                               **{kk: (p if kk == k else 0.0) for kk in DOMAINS}))
-                           for p in pts]) for k in DOMAINS}
-    return pts, curves, t0["domain"].tolist()
+    t0 = evaluate(knobs, tokenizer, records, **{k: 0.0 for k in names})
+    scores = lambda t: t[list(table_levels(t))].to_numpy(dtype=np.float64)
+    curves = {k: np.stack([scores(t0) if p == 0 else scores(evaluate(knobs, tokenizer, records,
+                                                                    **{kk: (p if kk == k else 0.0) for kk in names}))
+                           for p in pts]) for k in names}
+    return pts, curves, t0
 
 def _interp(pts:np.ndarray, curve:np.ndarray, lams:np.ndarray)->np.ndarray:
     "Piecewise-linear interpolation of `curve` [P, Q, L] at each λ in `lams` (clipped to the probe range) → [C, Q, L]."
@@ -250,45 +304,50 @@ def _interp(pts:np.ndarray, curve:np.ndarray, lams:np.ndarray)->np.ndarray:
     w = ((lams - pts[i]) / (pts[i + 1] - pts[i]))[:, None, None]
     return (1 - w) * curve[i] + w * curve[i + 1]
 
-def surrogate_shares(pts, curves:dict, domains:list, # From `probe_curves`
-                     candidates:np.ndarray, # [C, n_knobs] λ settings, knobs in DOMAINS order
-                    )->np.ndarray: # [C, domains, levels] predicted shares
+def surrogate_shares(pts, curves:dict, table0:pd.DataFrame, # From `probe_curves`
+                     candidates:np.ndarray, # [C, knobs] λ settings, knobs in `curves` order
+                    )->np.ndarray: # [C, domains, levels] predicted shares (domains and levels in `table0`'s order)
     "Predicted share matrices for many settings, from the additive piecewise-linear model."
-    base = curves[DOMAINS[0]][list(pts).index(0.0)]
-    s = base[None] + sum(_interp(pts, curves[k], candidates[:, j]) - base[None] for j, k in enumerate(DOMAINS))
+    names = list(curves)
+    base = curves[names[0]][list(pts).index(0.0)]
+    s = base[None] + sum(_interp(pts, curves[k], candidates[:, j]) - base[None] for j, k in enumerate(names))
     pref = s.argmax(axis=2)  # [C, Q]
-    dom = np.array([DOMAINS.index(d) for d in domains])
-    out = np.zeros((len(candidates), len(DOMAINS), len(LEVELS)))
-    for di in range(len(DOMAINS)):
-        rows = pref[:, dom == di]
-        for li in range(len(LEVELS)): out[:, di, li] = (rows == li).mean(axis=1) if rows.size else 0.0
-    return out
+    doms = table0["domain"].to_numpy()
+    return np.stack([np.stack([(pref[:, doms == d] == li).mean(axis=1) for li in range(s.shape[2])], axis=1)
+                     for d in dict.fromkeys(doms)], axis=1)
+
+def _predicted_scores(pred:np.ndarray, table0:pd.DataFrame, target:dict)->tuple:
+    "`target_score` of every predicted share matrix at once: (reached [C], accuracy [C])."
+    domains, levels = list(dict.fromkeys(table0["domain"])), list(table_levels(table0))
+    di = [domains.index(d) for d in target]; li = [levels.index(l) for l in target.values()]
+    got = pred[:, di, li]  # [C, target domains]
+    others = pred[:, di, :].copy(); others[:, np.arange(len(di)), li] = -np.inf
+    return np.all(got > others.max(axis=2), axis=1), got.mean(axis=1)
 
 def surrogate_search(knobs, tokenizer, records:list, # As for `grid_search`
                      probes=(-1.0, -0.5, 0.5, 1.0, 1.5), # λ values probed per knob
                      candidates=None, # λ values per knob the solver considers; default 17 steps over the probed range
                      verify:int=2, # Real evaluations of the best predicted settings per target
+                     targets:tuple|None=None, # As for `grid_search`
+                     knob_names:list|None=None, # As for `grid_search`
                     )->tuple[pd.DataFrame, int]: # (best verified per target, evaluations used)
     "Multidomain search with far fewer evaluations: probe each knob, solve targets on a surrogate, verify."
-    pts, curves, domains = probe_curves(knobs, tokenizer, records, probes)
-    n_evals = 1 + len(DOMAINS) * (len(pts) - 1)
+    names, targets = _search_space(knobs, records, knob_names, targets)
+    pts, curves, t0 = probe_curves(knobs, tokenizer, records, probes, names)
+    n_evals = 1 + len(names) * (len(pts) - 1)
     if candidates is None: candidates = np.linspace(pts[0], pts[-1], 17)
-    cand = np.array(list(itertools.product(candidates, repeat=len(DOMAINS))), dtype=np.float64)
-    pred = surrogate_shares(pts, curves, domains, cand)
+    cand = np.array(list(itertools.product(candidates, repeat=len(names))), dtype=np.float64)
+    pred = surrogate_shares(pts, curves, t0, cand)
     cache, evals = {}, []
-    for t in TARGETS:
-        idx = np.array([LEVELS.index(t[d]) for d in DOMAINS])
-        got = pred[:, np.arange(len(DOMAINS)), idx]  # [C, domains]
-        ok = np.all(got >= pred.max(axis=2) - 1e-12, axis=1)
-        order = np.lexsort((-got.mean(axis=1), ~ok))[:verify]  # reaching first, then by predicted accuracy
-        for c in order:
+    for t in targets:
+        ok, acc = _predicted_scores(pred, t0, t)
+        for c in np.lexsort((-acc, ~ok))[:verify]:  # reaching first, then by predicted accuracy
             key = tuple(float(x) for x in cand[c])
             if key not in cache:
-                lam = dict(zip(DOMAINS, key))
-                cache[key] = share_matrix(evaluate(knobs, tokenizer, records, **lam)).values
+                cache[key] = share_matrix(evaluate(knobs, tokenizer, records, **dict(zip(names, key))))
                 n_evals += 1
-            evals.append((dict(zip(DOMAINS, key)), cache[key]))
-    return _best_per_target(evals), n_evals
+            evals.append((dict(zip(names, key)), cache[key]))
+    return _best_per_target(evals, targets), n_evals
 
 # %% ../nbs/07_sweep.ipynb #21113064
 def retrain_target(base_dir:str|Path, # The SFT base checkpoint
@@ -304,8 +363,8 @@ def retrain_target(base_dir:str|Path, # The SFT base checkpoint
     t0 = time.perf_counter()
     reference, tok = load_model(base_dir, dtype=torch.float32)
     policy, _ = load_model(base_dir, dtype=torch.float32)
-    pairs = [p for d in DOMAINS for p in dpo_pairs(train_records, d, target[d])]
+    pairs = [p for d in target for p in dpo_pairs(train_records, d, target[d])]
     dpo(policy, reference, tok, pairs, dpo_cfg or DPOConfig(), progress=False)
     seconds = time.perf_counter() - t0
-    reached, acc = target_score(share_matrix(preference_table(policy, tok, eval_records)).values, target)
-    return {**{f"target_{d}": target[d] for d in DOMAINS}, "reached": reached, "accuracy": acc, "seconds": seconds}
+    reached, acc = target_score(share_matrix(preference_table(policy, tok, eval_records)), target)
+    return {**{f"target_{d}": l for d, l in target.items()}, "reached": reached, "accuracy": acc, "seconds": seconds}

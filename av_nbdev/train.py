@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .core import AVError, build_once, cache_dir, set_seed, short_hash
 from .data import dpo_pairs, sft_examples, load_splits, domains_of, levels_of
 from .models import TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model
-from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, preference_table, well_formed,
+from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, response_logprobs, preference_table, well_formed,
                               model_device, to_device, chunks)
 from .stages import records_hash, write_json, write_csv, run_jobs, threads
 

@@ -68,16 +68,18 @@ def gap():
         worst = max(worst, float((p.detach() - want).abs().max()))
     return worst
 RECEIVED_LOCK = threading.Lock()
-def record(event, **kw):
-    with RECEIVED_LOCK:
+def record(event, weights=False, **kw):
+    "Append an event with the knobs' λs (and, with `weights`, the weights' distance to base + Σλ·AV)."
+    with RECEIVED_LOCK, knobs.lock:  # the knobs' lock: λs and weights as one state, not mid-move
+        if weights: kw["gap"] = gap()
         seen = json.loads(RECEIVED.read_text()) if RECEIVED.exists() else []
         RECEIVED.write_text(json.dumps(seen + [{"event": event, "lambdas": knobs.lambdas, **kw}]))
 for name, s in panel.sliders.items():
     s.observe(lambda ch, name=name: record("slider", name=name, value=ch["new"]), names="value")
 # registered after the panel's own handlers, so they see the knobs once the choice has moved them
 for domain, buttons in panel.dials.items():
-    buttons.observe(lambda ch, domain=domain: record("dial", domain=domain, level=ch["new"], gap=gap()), names="value")
-panel.target.observe(lambda ch: record("target", index=ch["new"], gap=gap()), names="value")
+    buttons.observe(lambda ch, domain=domain: record("dial", domain=domain, level=ch["new"], weights=True), names="value")
+panel.target.observe(lambda ch: record("target", index=ch["new"], weights=True), names="value")
 # registered after the panel's own handler, so it runs once the generation is done
 panel.button.on_click(lambda _: record("generate", **panel.last))
 panel
@@ -230,7 +232,7 @@ def test_panel_in_jupyterlab(lab, tmp_path):
             dials = page.locator(".knob-panel-dial")
             expect(dials).to_have_count(2)
             expect(dials.filter(has_text="medical").get_by_role("button")).to_have_count(2)  # generic: not reached
-            expect(page.locator(".knob-panel")).to_contain_text("not reached: generic")
+            expect(dials.filter(has_text="medical")).to_contain_text("not reached: generic")
             chart = page.locator("img.knob-panel-chart")  # the preference-share chart
             expect(chart).to_be_visible()
             answer = page.locator(".knob-panel-answer")
@@ -271,6 +273,7 @@ def test_panel_in_jupyterlab(lab, tmp_path):
             expect(generic).to_have_class(re.compile(r"\bmod-active\b"))
             expect(medical.locator(".widget-readout")).to_have_text("−1.50")
             expect(chart).not_to_have_attribute("src", chart_before)
+            _wait_for(received, lambda evs: any(e["event"] == "dial" and e["level"] == "generic" for e in evs))
 
             # a multidomain target sets both knobs; the medical dial then shows "expert", whose setting they hold
             page.locator(".knob-panel-target select").select_option(label=TARGET_0)
