@@ -15,10 +15,10 @@ __all__ = ['DOMAINS', 'LEVELS', 'REQUIRED', 'DEFAULT_SPECTRUM', 'LEVEL_INSTRUCTI
            'HELDOUT_TOPICS', 'AGES', 'OCCUPATIONS', 'PERSONA_INTROS', 'SITUATION_INTROS', 'NAMED_FORMS', 'BARE_FORMS',
            'FILLERS', 'DECLINES', 'REFERRALS', 'AVOID_CLOSERS', 'URGENT', 'GENERIC_OPENERS', 'GENERIC_BODIES',
            'DOMAIN_PLAIN', 'GENERIC_CLOSERS', 'EXPERT_OPENERS', 'EXPERT_CAVEATS', 'RESPONDERS', 'SPECTRUM_FILE',
-           'QUERY_PROMPT', 'LEVEL_SYSTEM_PROMPTS', 'Spectrum', 'format_prompt', 'Topic', 'make_persona', 'make_query',
-           'avoidance_response', 'generic_response', 'expert_response', 'norm_query', 'generate_dataset', 'to_jsonl',
-           'write_splits', 'default_data_dir', 'read_spectrum', 'load_records', 'load_splits', 'levels_of',
-           'domains_of', 'dpo_pairs', 'level_instruction_text', 'sft_examples', 'generate_with_chat_model']
+           'Spectrum', 'format_prompt', 'Topic', 'make_persona', 'make_query', 'avoidance_response', 'generic_response',
+           'expert_response', 'norm_query', 'generate_dataset', 'to_jsonl', 'write_splits', 'default_data_dir',
+           'read_spectrum', 'check_record', 'load_records', 'load_splits', 'levels_of', 'domains_of', 'dpo_pairs',
+           'level_instruction_text', 'sft_examples']
 
 # %% ../nbs/00_data.ipynb #d8d91781
 DOMAINS = ("medical", "legal", "financial")
@@ -930,7 +930,7 @@ def read_spectrum(data_dir:str|Path, # A dataset folder
     try: return Spectrum(tuple(d["domains"]), tuple(d["levels"]))
     except (AVError, TypeError) as e: raise AVError(f"{f}: {e}") from None
 
-def _check_record(r, where:str, ids:dict, ln:int, spectrum:Spectrum=DEFAULT_SPECTRUM):
+def check_record(r, where:str, ids:dict, ln:int, spectrum:Spectrum=DEFAULT_SPECTRUM):
     "Raise AVError if `r` does not follow the schema; put its responses in the spectrum's level order."
     if not isinstance(r, dict): raise AVError(f"{where}: expected a JSON object, got {type(r).__name__}")
     for k in REQUIRED:
@@ -959,7 +959,7 @@ def _read_jsonl(path:Path, spectrum:Spectrum)->list[tuple[int,dict]]:
             if not line.strip(): continue
             try: r = json.loads(line)
             except json.JSONDecodeError as e: raise AVError(f"{path}:{ln}: malformed JSON ({e.msg} at column {e.colno})") from None
-            _check_record(r, f"{path}:{ln}", ids, ln, spectrum)
+            check_record(r, f"{path}:{ln}", ids, ln, spectrum)
             out.append((ln, r))
     return out
 
@@ -1029,57 +1029,4 @@ def sft_examples(records:list, # Records in the schema
            for r in records for l in r["responses"]]
     for i in random.Random(seed).sample(range(len(out)), round(instruct_share * len(out))):
         out[i]["instruction"] = level_instruction_text(out[i]["level"])
-    return out
-
-# %% ../nbs/00_data.ipynb #3aa1407e
-QUERY_PROMPT = ("You are {persona}. Write one short, realistic question you would ask about {topic} "
-                "({domain} domain). Reply with the question only.")
-LEVEL_SYSTEM_PROMPTS = {
-    "avoidance": "You never give {domain} advice. Politely decline in one or two sentences and refer the person "
-                 "to a suitable professional.",
-    "generic": "You give short, plain, general {domain} advice in two or three sentences, without technical details.",
-    "expert": "You are an experienced {domain} expert. Give specific, technical advice in two or three sentences, "
-              "with concrete names, numbers and rules.",
-}
-
-def _chat(model, tokenizer, system:str|None, user:str, **gen_kw)->str:
-    "One chat turn: the tokenizer's chat template when it has one, else plain text; returns the new text."
-    import torch
-    if getattr(tokenizer, "chat_template", None):
-        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": user}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
-    else: text = (f"{system}\n\n" if system else "") + format_prompt(user)
-    enc = tokenizer(text, return_tensors="pt", add_special_tokens=False).to(model.device)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    with torch.no_grad(): out = model.generate(**enc, pad_token_id=pad, **gen_kw)
-    return tokenizer.decode(out[0, enc["input_ids"].shape[1]:], skip_special_tokens=True).strip()
-
-def generate_with_chat_model(model, # A transformers causal LM (an instruct/chat model for useful output)
-                             tokenizer, # Its tokenizer; its chat template is used when present
-                             items:list, # dicts with "domain", "persona", "topic" and optionally "query"
-                             max_new_tokens:int=96, # Limit per generated text
-                             do_sample:bool=False, # Greedy by default (reproducible)
-                             temperature:float=0.7, # Used when sampling
-                             seed:int=0, # Seeds torch before generating
-                             id_prefix:str="gen", # Records get ids like "gen-0000"
-                             **gen_kw, # Passed to `model.generate`
-                            )->list[dict]: # Records in the schema; invalid ones (e.g. empty text) dropped with a warning
-    "Ask a chat model to write queries (from personas) and the three levels' responses, as records in the schema."
-    import torch
-    torch.manual_seed(seed)
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, **gen_kw)
-    if do_sample: kw["temperature"] = temperature
-    out, dropped, ids = [], 0, {}
-    for i, it in enumerate(items):
-        d = it["domain"]
-        if d not in DOMAINS: raise AVError(f"item {i}: domain {d!r} unknown (expected one of {', '.join(DOMAINS)})")
-        query = it.get("query") or _chat(model, tokenizer, None, QUERY_PROMPT.format(domain=d, persona=it["persona"], topic=it["topic"]), **kw)
-        rec = {"id": f"{id_prefix}-{i:04d}", "domain": d, "persona": it["persona"], "query": query,
-               "responses": {l: _chat(model, tokenizer, LEVEL_SYSTEM_PROMPTS[l].format(domain=d), query, **kw)
-                             for l in LEVELS},
-               "topic": it["topic"], "source": "chat_model"}
-        try: _check_record(rec, rec["id"], ids, i)
-        except AVError: dropped += 1; continue
-        out.append(rec)
-    if dropped: warnings.warn(f"generate_with_chat_model: dropped {dropped} of {len(items)} records with empty text")
     return out

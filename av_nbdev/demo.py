@@ -33,7 +33,8 @@ from .baselines import compare_baselines
 __all__ = ['REAL_DEMO', 'MARKER', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file', 'dpo_stage',
            'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
            'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
-           'baselines_stage', 'run_demo', 'write_report', 'summary_text', 'results_table', 'readme_section']
+           'baselines_stage', 'run_demo', 'write_report', 'summary_text', 'results_table', 'readme_section',
+           'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -473,3 +474,15 @@ def readme_section(text:str, # A README's text
     a, b = RESULTS_MARKERS
     if a not in text or b not in text: raise AVError(f"README: markers {a} … {b} not found")
     return text.split(a, 1)[1].split(b, 1)[0].strip()
+
+def update_readme(readme:str|Path="README.md", # The README with `RESULTS_MARKERS`
+                  report:str|Path="nbs/images/demo_report.json", # The committed demo report it quotes
+                 )->Path:
+    "Rewrite the README's results table from the committed report (atomically)."
+    readme, a, b = Path(readme), *RESULTS_MARKERS
+    text = readme.read_text()
+    readme_section(text)  # the markers are there
+    before, rest = text.split(a, 1)
+    new = f"{before}{a}\n{results_table(json.loads(Path(report).read_text()))}\n{b}{rest.split(b, 1)[1]}"
+    with atomic_path(readme, overwrite=True) as tmp: tmp.write_text(new)
+    return readme

@@ -4,30 +4,33 @@
 
 # %% ../nbs/01a_scoring.ipynb #1a61f951
 from __future__ import annotations
-import collections, math, re, time
+import collections, math, re, time, warnings
 
 import numpy as np
 import pandas as pd
 import torch
 
 from .core import AVError, set_seed
-from .data import LEVELS, format_prompt, levels_of
+from .data import DOMAINS, LEVELS, format_prompt, levels_of, check_record
 
 # %% auto #0
-__all__ = ['PACKED_MODEL_TYPES', 'TABLE_META', 'prompt_text', 'response_text', 'encode', 'encode_texts', 'sequence_logprobs',
-           'model_device', 'to_device', 'chunks', 'response_logprob_sums', 'response_logprobs', 'preference_table',
-           'table_levels', 'generate_answers', 'malformed_reason', 'answer_problem', 'well_formed']
+__all__ = ['PACKED_MODEL_TYPES', 'TABLE_META', 'QUERY_PROMPT', 'LEVEL_SYSTEM_PROMPTS', 'prompt_text', 'response_text', 'encode',
+           'encode_texts', 'sequence_logprobs', 'model_device', 'to_device', 'chunks', 'response_logprob_sums',
+           'response_logprobs', 'preference_table', 'table_levels', 'generate_answers', 'malformed_reason',
+           'answer_problem', 'well_formed', 'generate_with_chat_model']
 
 # %% ../nbs/01a_scoring.ipynb #ae1ba2da
 def prompt_text(tokenizer, # The model's tokenizer
                 query:str, # The question
                 instruction:str|None=None, # Optional instruction line (prompting baseline, tagged SFT examples)
+                system:str|None=None, # Optional system message (a chat model writing data); a first line in plain prompts
                )->str:
     "The generation prompt: `format_prompt`, wrapped in the chat template when the tokenizer has one, else after BOS."
     p = format_prompt(query, instruction)
     if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-    return (tokenizer.bos_token or "") + p
+        msgs = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": p}]
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    return (tokenizer.bos_token or "") + (f"{system}\n\n" if system else "") + p
 
 def response_text(tokenizer, # The model's tokenizer
                   response:str, # The answer
@@ -262,18 +265,20 @@ def generate_answers(model, # A causal LM
                      top_p:float=0.95, # Nucleus sampling
                      seed:int=0, # Seed: same seed and batch size, same answers
                      batch_size:int=16, # Prompts per `generate` call
+                     system:str|None=None, # Optional system message (see `prompt_text`)
+                     **generate_kwargs, # More `model.generate` arguments (e.g. `min_new_tokens`)
                     )->pd.DataFrame: # query, instruction, answer, prompt_tokens, new_tokens, seconds
     "Sample one answer per query and record its cost (prompt tokens, generated tokens, wall seconds)."
     set_seed(seed)
     eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=pad, eos_token_id=eos, **generate_kwargs)
     if do_sample: kw.update(temperature=temperature, top_p=top_p)
     rows, side = [], tokenizer.padding_side
     tokenizer.padding_side = "left"  # generation continues from the right edge of every prompt
     try:
         for i in range(0, len(queries), batch_size):
             qs = queries[i:i + batch_size]
-            enc = tokenizer([prompt_text(tokenizer, q, instruction) for q in qs], return_tensors="pt",
+            enc = tokenizer([prompt_text(tokenizer, q, instruction, system) for q in qs], return_tensors="pt",
                             padding=True, add_special_tokens=False).to(model.device)
             t0 = time.perf_counter()
             with torch.no_grad(): out = model.generate(**enc, **kw)
@@ -323,3 +328,42 @@ def well_formed(model, # A causal LM
     df = generate_answers(model, tokenizer, queries, max_new_tokens=max_new_tokens, do_sample=False,
                           batch_size=batch_size)
     return df.assign(problem=df.answer.map(answer_problem))[["query", "answer", "problem"]]
+
+# %% ../nbs/01a_scoring.ipynb #3aa1407e
+QUERY_PROMPT = ("You are {persona}. Write one short, realistic question you would ask about {topic} "
+                "({domain} domain). Reply with the question only.")
+LEVEL_SYSTEM_PROMPTS = {
+    "avoidance": "You never give {domain} advice. Politely decline in one or two sentences and refer the person "
+                 "to a suitable professional.",
+    "generic": "You give short, plain, general {domain} advice in two or three sentences, without technical details.",
+    "expert": "You are an experienced {domain} expert. Give specific, technical advice in two or three sentences, "
+              "with concrete names, numbers and rules.",
+}
+
+def generate_with_chat_model(model, # A transformers causal LM (an instruct/chat model for useful output)
+                             tokenizer, # Its tokenizer; its chat template is used when present
+                             items:list, # dicts with "domain", "persona", "topic" and optionally "query"
+                             max_new_tokens:int=96, # Limit per generated text
+                             do_sample:bool=False, # Greedy by default (reproducible)
+                             temperature:float=0.7, # Used when sampling
+                             seed:int=0, # Seeds the sampling
+                             id_prefix:str="gen", # Records get ids like "gen-0000"
+                             **generate_kwargs, # Passed to `model.generate`
+                            )->list[dict]: # Records in the schema; invalid ones (e.g. empty text) dropped with a warning
+    "Ask a chat model to write queries (from personas) and the three levels' responses, as records in the schema."
+    def ask(text, system):
+        return generate_answers(model, tokenizer, [text], system=system, max_new_tokens=max_new_tokens, do_sample=do_sample,
+                                temperature=temperature, seed=seed, **generate_kwargs).answer[0]
+    out, dropped, ids = [], 0, {}
+    for i, it in enumerate(items):
+        d = it["domain"]
+        if d not in DOMAINS: raise AVError(f"item {i}: domain {d!r} unknown (expected one of {', '.join(DOMAINS)})")
+        query = it.get("query") or ask(QUERY_PROMPT.format(domain=d, persona=it["persona"], topic=it["topic"]), None)
+        rec = {"id": f"{id_prefix}-{i:04d}", "domain": d, "persona": it["persona"], "query": query,
+               "responses": {l: ask(query, LEVEL_SYSTEM_PROMPTS[l].format(domain=d)) for l in LEVELS},
+               "topic": it["topic"], "source": "chat_model"}
+        try: check_record(rec, rec["id"], ids, i)
+        except AVError: dropped += 1; continue
+        out.append(rec)
+    if dropped: warnings.warn(f"generate_with_chat_model: dropped {dropped} of {len(items)} records with empty text")
+    return out

@@ -1,0 +1,477 @@
+"""Which training gives each domain a three-level dial (avoidance → generic → expert) that stays in its own domain?
+
+Compares training methods for the tiny model's vectors under the issue's definitions, in one table:
+
+- dial: one scalar s per domain mapped to the λs of that domain's vectors by a piecewise-linear schedule; on a grid of
+  s (step 0.25) the strict plurality of the domain's own held-out queries must go avoidance → generic → expert, each
+  level holding ≥ 2 consecutive grid points (checked on the tuning half and on the reporting half);
+- settings for each level are chosen on a tuning half of the held-out queries (stratified by domain and by
+  seen/unseen topic) and reported on the other half (seen, unseen and pooled);
+- reached: the level is the strict plurality (a tie is not reached) in a real evaluation;
+- leakage ratio: in-domain shift of the mean level (avoidance 0, generic 1, expert 2) from s=0 to the expert setting,
+  over the largest |shift| of another domain (inf when none moves);
+- well-formed: share of ≥ 16 greedy answers (reporting half, own domain) that pass `scoring.answer_problem`;
+- multidomain: 27 targets (one level per domain), searched on the tuning half, reported on the reporting half.
+
+Models are cached under --out (default /tmp/dial); results per candidate are kept in --out/results/<name>.json.
+
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dial_candidates.py            # full table
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dial_candidates.py --quick    # fewer candidates, no grid search
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/dial_candidates.py --only plain,perlevel
+"""
+import argparse, itertools, json, os, time
+from dataclasses import asdict, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+LEVELS = ("avoidance", "generic", "expert")
+DOMAINS = ("medical", "legal", "financial")
+STEP = 0.25
+
+
+# ----------------------------------------------------------------------------------------------------------------- data
+def halves(test:list, seed:int=0)->dict:
+    "Tuning and reporting halves of the held-out records, stratified by domain and seen/unseen topic."
+    rng, out = np.random.default_rng(seed), {"tune": [], "report": []}
+    for d in DOMAINS:
+        for unseen in (False, True):
+            rs = [r for r in test if r["domain"] == d and bool(r["heldout_topic"]) == unseen]
+            order = rng.permutation(len(rs))
+            for j, i in enumerate(order): out["tune" if j % 2 == 0 else "report"].append(rs[i])
+    key = {r["id"]: i for i, r in enumerate(test)}
+    return {k: sorted(v, key=lambda r: key[r["id"]]) for k, v in out.items()}
+
+
+# ------------------------------------------------------------------------------------------------------------- training
+def dpo_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, init_dir:Path|None=None)->dict:
+    "Train (or reuse) a DPO model of `init_dir` (default the base) against the base on `pairs`; its folder and stats."
+    from av_nbdev.core import short_hash
+    from av_nbdev.models import load_model, save_checkpoint
+    from av_nbdev.train import dpo
+    init_dir = init_dir or base_dir
+    key = short_hash(name, str(base_dir), str(init_dir), [json.dumps(p, sort_keys=True) for p in pairs], asdict(cfg))
+    d = out/"models"/f"{name}-{key}"
+    meta = d.parent/f"{d.name}.json"
+    if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
+    reference, tok = load_model(base_dir, dtype=torch.float32)
+    policy, _ = load_model(init_dir, dtype=torch.float32)
+    log = dpo(policy, reference, tok, pairs, cfg, progress=False)
+    save_checkpoint(policy, tok, d, overwrite=True)
+    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
+             "final_margin": float(log.margin.iloc[-3:].mean()), "final_reward_acc": float(log.reward_acc.iloc[-1])}
+    meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
+    return stats | {"dir": str(d)}
+
+
+def level_pairs(records:list, domain:str, chosen:str, rejected:tuple, weight:int=1)->list:
+    "Pairs chosen ≻ each of `rejected` for every query of `domain`, each repeated `weight` times (a weight per kind)."
+    return [{"query": r["query"], "chosen": r["responses"][chosen], "rejected": r["responses"][o], "domain": domain,
+             "chosen_level": chosen, "rejected_level": o}
+            for r in records if r["domain"] == domain for o in rejected for _ in range(weight)]
+
+
+def anchor_pairs(records:list, domain:str, level:str, base, tok, share:float, n_domain_pairs:int, seed:int=0)->list:
+    "`train.build_pairs`' anchors: other-domain records, the base's preferred level ≻ `level` (share of the domain's pairs)."
+    from av_nbdev.train import base_preference
+    others = [r for r in records if r["domain"] != domain]
+    g = torch.Generator().manual_seed(seed)
+    n = min(len(others), round(share * n_domain_pairs))
+    others = [others[i] for i in torch.randperm(len(others), generator=g)[:n].tolist()]
+    return [{"query": r["query"], "chosen": r["responses"][pref], "rejected": r["responses"][level], "domain": r["domain"],
+             "chosen_level": pref, "rejected_level": level, "anchor": True}
+            for r, pref in zip(others, base_preference(base, tok, others)) if pref != level]
+
+
+# -------------------------------------------------------------------------------------------------------------- vectors
+def orthogonalised(vectors:dict, domain_of:dict)->dict:
+    "Each vector minus, tensor by tensor, its least-squares projection onto the span of the other domains' vectors."
+    from av_nbdev.vectors import AlignmentVector
+    out = {}
+    for k, av in vectors.items():
+        others = [o for o in vectors if domain_of[o] != domain_of[k]]
+        ts = {}
+        for n in av.names():
+            v = av[n].double().flatten()
+            U = torch.stack([vectors[o][n].double().flatten() for o in others], 1)
+            coef = torch.linalg.lstsq(U, v[:, None]).solution
+            ts[n] = (v - (U @ coef)[:, 0]).reshape(av[n].shape).float()
+        out[k] = AlignmentVector(ts, {**av.meta, "orthogonalised_against": others})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------- the dial
+def schedule(knots:list):
+    "A dial: s → {knob: λ}, piecewise-linear through `knots` [(s, {knob: λ}), ...], constant slope past the last two."
+    ss = [s for s, _ in knots]
+    names = sorted({k for _, lam in knots for k in lam})
+    def at(s:float)->dict:
+        i = int(np.clip(np.searchsorted(ss, s) - 1, 0, len(ss) - 2))
+        w = (s - ss[i]) / (ss[i + 1] - ss[i])
+        return {k: round((1 - w) * knots[i][1].get(k, 0.0) + w * knots[i + 1][1].get(k, 0.0), 6) for k in names}
+    return at
+
+
+def monotone(sched, grid)->bool:
+    "Does every λ of the schedule move one way only along the grid?"
+    lams = pd.DataFrame([sched(s) for s in grid])
+    return bool(all(lams[c].is_monotonic_increasing or lams[c].is_monotonic_decreasing for c in lams))
+
+
+def plurality(row:pd.Series)->str|None:
+    "The strict plurality level of a share row (None on a tie)."
+    top = row.max()
+    return row.idxmax() if (row == top).sum() == 1 else None
+
+
+def is_dial(seq:list)->bool:
+    "Pluralities along the grid go avoidance → generic → expert (never back), each level ≥ 2 consecutive points."
+    runs = [(k, len(list(g))) for k, g in itertools.groupby(seq)]
+    order = [k for k, _ in runs if k is not None]
+    if [k for k, _ in itertools.groupby(order)] != list(LEVELS): return False
+    return all(max(n for k, n in runs if k == lvl) >= 2 for lvl in LEVELS)
+
+
+def shares(table:pd.DataFrame, domain:str|None=None)->pd.Series:
+    "Share preferring each level among the table's rows (of one domain)."
+    t = table if domain is None else table[table.domain == domain]
+    return t.preferred.value_counts(normalize=True).reindex(list(LEVELS), fill_value=0.0)
+
+
+def mean_level(table:pd.DataFrame, domain:str)->float:
+    t = table[table.domain == domain]
+    return float(t.preferred.map({l: i for i, l in enumerate(LEVELS)}).mean())
+
+
+class Bench:
+    "Knobs over the base, evaluations cached by setting, and the halves of the held-out data."
+    def __init__(self, base_dir, vectors:dict, parts:dict):
+        from av_nbdev.models import load_model
+        from av_nbdev.knobs import Knobs
+        self.model, self.tok = load_model(base_dir, dtype=torch.float32)
+        self.knobs = Knobs(self.model, vectors, allow_transfer=True)
+        self.parts, self.cache, self.n_evals = parts, {}, 0.0
+
+    def table(self, lambdas:dict, part:str, domain:str|None=None)->pd.DataFrame:
+        "Preference table on a half (or one domain of it) at `lambdas` (others 0)."
+        from av_nbdev.scoring import preference_table
+        lam = {k: float(lambdas.get(k, 0.0)) for k in self.knobs.lambdas}
+        key = (tuple(sorted(lam.items())), part, domain)
+        if key not in self.cache:
+            recs = [r for r in self.parts[part] if domain is None or r["domain"] == domain]
+            with self.knobs.using(**lam): self.cache[key] = preference_table(self.model, self.tok, recs, batch_size=64)
+            self.n_evals += len(recs) / len(self.parts[part])
+        return self.cache[key]
+
+    def well_formed(self, lambdas:dict, queries:list)->float:
+        from av_nbdev.scoring import well_formed
+        with self.knobs.using(**{k: float(lambdas.get(k, 0.0)) for k in self.knobs.lambdas}):
+            return float(well_formed(self.model, self.tok, queries).problem.isna().mean())
+
+
+def calibrate_dial(b:Bench, domain:str, sched, grid)->dict:
+    "Sweep one dial on its own domain (both halves); choose each level's setting on the tuning half."
+    rows = []
+    for s in grid:
+        lam = sched(s)
+        for part in ("tune", "report"):
+            sh = shares(b.table(lam, part, domain))
+            rows.append({"s": float(s), "part": part, **sh.to_dict(), "plurality": plurality(sh)})
+    df = pd.DataFrame(rows)
+    tune = df[df.part == "tune"].reset_index(drop=True)
+    settings = {}
+    for lvl in LEVELS:
+        wins = tune[tune.plurality == lvl]
+        if wins.empty: settings[lvl] = None; continue
+        if lvl == "expert" and (wins.expert >= 0.9).any(): settings[lvl] = float(wins[wins.expert >= 0.9].s.min())
+        elif lvl == "avoidance" and (wins.s == 0).any() and wins.avoidance.max() - float(wins[wins.s == 0].avoidance.iloc[0]) < 0.05:
+            settings[lvl] = 0.0  # the base itself, unless moving the dial clearly helps
+        else: settings[lvl] = float(wins.loc[wins[lvl].idxmax()].s)
+    return {"sweep": df, "settings": settings,
+            "dial_tune": is_dial(list(tune.plurality)), "dial_report": is_dial(list(df[df.part == "report"].plurality))}
+
+
+def report_levels(b:Bench, domain:str, sched, settings:dict)->dict:
+    "At each chosen setting, the reporting half's own-domain shares (pooled, seen, unseen), and which levels are reached."
+    out = {}
+    for lvl, s in settings.items():
+        if s is None: out[lvl] = None; continue
+        t = b.table(sched(s), "report", domain)
+        row = {"s": s}
+        for name, sub in (("pooled", t), ("seen", t[~t.heldout_topic.astype(bool)]), ("unseen", t[t.heldout_topic.astype(bool)])):
+            sh = shares(sub)
+            row[f"{name}_share"], row[f"{name}_reached"] = float(sh[lvl]), plurality(sh) == lvl
+        out[lvl] = row
+    return out
+
+
+def leakage(b:Bench, domain:str, sched, s_expert:float|None, part:str="report")->dict:
+    "Leakage ratio of the mean level from s=0 to the expert setting, on every domain of a half."
+    if s_expert is None: return {"leakage_ratio": None, "shifts": None}
+    t0, t1 = b.table(sched(0.0), part), b.table(sched(s_expert), part)
+    shifts = {d: mean_level(t1, d) - mean_level(t0, d) for d in DOMAINS}
+    off = max(abs(v) for d, v in shifts.items() if d != domain)
+    ratio = float("inf") if off == 0 else shifts[domain] / off
+    return {"leakage_ratio": ratio, "shifts": shifts, "expert_share": float(shares(t1, domain)["expert"])}
+
+
+# ---------------------------------------------------------------------------------------------------------- multidomain
+def targets():
+    return [dict(zip(DOMAINS, c)) for c in itertools.product(LEVELS, repeat=len(DOMAINS))]
+
+
+def target_reached(table:pd.DataFrame, target:dict)->tuple:
+    "(reached: every domain's strict plurality is its level, accuracy: mean target share)."
+    ok, acc = True, []
+    for d, lvl in target.items():
+        sh = shares(table, d)
+        ok &= plurality(sh) == lvl; acc.append(float(sh[lvl]))
+    return bool(ok), float(np.mean(acc))
+
+
+def dial_lambdas(scheds:dict, s:dict)->dict:
+    "Every knob's λ from the dials' scalars."
+    return {k: v for d, x in s.items() for k, v in scheds[d](x).items()}
+
+
+def md_report(b:Bench, scheds:dict, chosen:dict)->dict:
+    "Each target's chosen dial setting evaluated on the reporting half."
+    rows = []
+    for t in targets():
+        s = chosen[tuple(t.values())]
+        reached, acc = target_reached(b.table(dial_lambdas(scheds, s), "report"), t)
+        rows.append({"target": t, "s": s, "reached": reached, "accuracy": acc})
+    return {"reached": sum(r["reached"] for r in rows), "rows": rows}
+
+
+def grid_search(b:Bench, scheds:dict, points:tuple)->dict:
+    "The paper's grid over the dials (len(points)**3 evaluations on the tuning half); best per target reported."
+    before, evals = b.n_evals, []
+    for combo in itertools.product(points, repeat=len(DOMAINS)):
+        s = dict(zip(DOMAINS, map(float, combo)))
+        evals.append((s, b.table(dial_lambdas(scheds, s), "tune")))
+    used = b.n_evals - before
+    chosen = {}
+    for t in targets():
+        scored = [(target_reached(tab, t), s) for s, tab in evals]
+        chosen[tuple(t.values())] = max(scored, key=lambda x: (x[0][0], x[0][1]))[1]
+    tune_reached = sum(max(target_reached(tab, t)[0] for _, tab in evals) for t in targets())
+    return {"evaluations": len(evals), "evaluations_counted": used, "tune_reached": int(tune_reached), **md_report(b, scheds, chosen)}
+
+
+def surrogate_search(b:Bench, scheds:dict, probes:dict, candidates:dict, budget:int=40)->dict:
+    """Probe each dial alone at a few s (tuning half, all domains), model the scores additively (piecewise-linear in s
+    per dial), solve every target on the model, verify the best prediction per target with a real evaluation; when a
+    verification misses, spend the remaining budget on the next-best predictions."""
+    b_evals = []
+    zero = {d: 0.0 for d in DOMAINS}
+    t0 = b.table(dial_lambdas(scheds, zero), "tune"); n = 1
+    score = lambda t: t[list(LEVELS)].to_numpy(dtype=np.float64)
+    base = score(t0)
+    curves = {}
+    for d in DOMAINS:
+        pts = sorted(set(probes[d]) | {0.0})
+        curves[d] = (np.array(pts), np.stack([base if p == 0 else score(b.table(dial_lambdas(scheds, zero | {d: p}), "tune")) for p in pts]))
+        n += len(pts) - 1
+    def interp(d, xs):
+        pts, c = curves[d]
+        xs = np.clip(xs, pts[0], pts[-1]); i = np.clip(np.searchsorted(pts, xs) - 1, 0, len(pts) - 2)
+        w = ((xs - pts[i]) / (pts[i + 1] - pts[i]))[:, None, None]
+        return (1 - w) * c[i] + w * c[i + 1]
+    cand = np.array(list(itertools.product(*(candidates[d] for d in DOMAINS))), dtype=np.float64)
+    pred = base[None] + sum(interp(d, cand[:, j]) - base[None] for j, d in enumerate(DOMAINS))  # [C, Q, L]
+    pref = pred.argmax(2); doms = t0.domain.to_numpy()
+    psh = np.stack([np.stack([(pref[:, doms == d] == li).mean(1) for li in range(3)], 1) for d in DOMAINS], 1)  # [C, D, L]
+    ranked = {}
+    for t in targets():
+        li = [LEVELS.index(l) for l in t.values()]
+        got = psh[:, np.arange(3), li]
+        oth = psh.copy(); oth[:, np.arange(3), li] = -np.inf
+        ok = np.all(got > oth.max(2), 1); acc = got.mean(1)
+        ranked[tuple(t.values())] = list(np.lexsort((-acc, ~ok)))
+    verified, chosen, tries = {}, {}, {k: 0 for k in ranked}
+    def verify(key):
+        nonlocal n
+        c = ranked[key][tries[key]]; tries[key] += 1
+        s = dict(zip(DOMAINS, map(float, cand[c])))
+        sk = tuple(s.values())
+        if sk not in verified: verified[sk] = b.table(dial_lambdas(scheds, s), "tune"); n += 1
+        return s, target_reached(verified[sk], dict(zip(DOMAINS, key)))
+    best = {}
+    for key in ranked:  # first pass: the best prediction of every target
+        if n >= budget: break
+        s, (ok, acc) = verify(key); best[key] = (ok, acc, s)
+    for key in itertools.cycle(list(ranked)):  # then retry the misses while the budget lasts
+        if n >= budget or all(v[0] for v in best.values()): break
+        if best.get(key, (False,))[0] or tries[key] >= len(ranked[key]): continue
+        s, (ok, acc) = verify(key)
+        if (ok, acc) > best[key][:2]: best[key] = (ok, acc, s)
+    for key in ranked: chosen[key] = best[key][2] if key in best else dict(zip(DOMAINS, map(float, cand[ranked[key][0]])))
+    tune_reached = sum(v[0] for v in best.values())
+    return {"evaluations": n, "tune_reached": int(tune_reached), **md_report(b, scheds, chosen)}
+
+
+# ----------------------------------------------------------------------------------------------------------- candidates
+def build_candidate(name:str, ctx:dict)->dict:
+    """Train what the candidate needs; return {"vectors": {knob: AV}, "domain_of", "scheds": {domain: s→λ},
+    "grid": s values, "train_seconds", "models": [...stats]}."""
+    from av_nbdev.vectors import AlignmentVector
+    from av_nbdev.train import DPOConfig
+    base_dir, train, out, quick = ctx["base_dir"], ctx["train"], ctx["out"], ctx["quick"]
+    cfg = DPOConfig(steps=ctx["dpo_steps"])
+    models, vectors, domain_of = [], {}, {}
+    def vec(knob, d, level, stats):
+        models.append({k: v for k, v in stats.items() if k != "dir"})
+        vectors[knob] = AlignmentVector.extract(base_dir, stats["dir"], domain=d, level=level)
+        domain_of[knob] = d
+    def plain_stats(d): return {"name": f"pipeline-{d}", **ctx["pipeline_metrics"][d], "dir": str(ctx["paths"][d])}
+    def expert_generic(d, anchor_share=0.0, weights=(1, 1)):
+        "A generic-preferring and an expert-preferring model of domain d (optionally anchored)."
+        for lvl, knob in (("generic", f"{d}_generic"), ("expert", f"{d}_expert")):
+            pairs = level_pairs(train, d, lvl, tuple(l for l in LEVELS if l != lvl))
+            if anchor_share:
+                pairs = pairs + anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], anchor_share, len(pairs))
+            tag = f"{d}-{lvl}" + (f"-anchor{anchor_share:g}" if anchor_share else "")
+            stats = plain_stats(d) if (lvl == "expert" and not anchor_share and ctx["dpo_steps"] == 120) else \
+                dpo_model(out, tag, base_dir, pairs, cfg)
+            vec(knob, d, lvl, stats)
+    scheds, grid = {}, None
+    if name in ("plain", "plain_orth"):
+        for d in DOMAINS: vec(d, d, "expert", plain_stats(d))
+        if name == "plain_orth": vectors = orthogonalised(vectors, domain_of)
+        scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
+        grid = np.round(np.arange(-1.5, 3.01 if name == "plain" else 6.01, STEP), 2)
+    elif name.startswith("ordinal"):
+        w = {"ordinal": (1, 1, 1), "ordinal_ga2": (1, 2, 1), "ordinal_ga3": (1, 3, 0)}[name]  # (E≻G, G≻A, E≻A)
+        for d in DOMAINS:
+            pairs = (level_pairs(train, d, "expert", ("generic",), w[0]) + level_pairs(train, d, "generic", ("avoidance",), w[1])
+                     + level_pairs(train, d, "expert", ("avoidance",), w[2]))
+            vec(d, d, "expert", dpo_model(out, f"{d}-{name}", base_dir, pairs, cfg))
+        scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
+        grid = np.round(np.arange(-1.5, 3.01, STEP), 2)
+    elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
+        parts = name.split("_")
+        share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
+        for d in DOMAINS: expert_generic(d, share)
+        if "orth" in parts: vectors = orthogonalised(vectors, domain_of)
+        g, e = ctx["generic_lam"].get(name, 1.0), ctx["expert_lam"].get(name, 1.0)
+        for d in DOMAINS:
+            G, E = f"{d}_generic", f"{d}_expert"
+            if "handoff" in parts:  # generic up, then generic down while expert comes up (λ_generic not monotone)
+                knots = [(0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: 0.0, E: e}), (3.0, {G: 0.0, E: 2 * e})]
+            else:  # cumulative: generic up to g and held, then expert added (every λ monotone)
+                knots = [(-1.0, {G: -g, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: g, E: e}), (3.0, {G: g, E: 2 * e})]
+            scheds[d] = schedule(knots)
+        grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
+    else: raise SystemExit(f"unknown candidate {name!r}")
+    return {"vectors": vectors, "domain_of": domain_of, "scheds": scheds, "grid": grid, "models": models,
+            "train_seconds": float(sum(m["seconds"] for m in models))}
+
+
+def run_candidate(name:str, ctx:dict, search:bool)->dict:
+    t0 = time.perf_counter()
+    c = build_candidate(name, ctx)
+    b = Bench(ctx["base_dir"], c["vectors"], ctx["parts"])
+    res = {"candidate": name, "train_seconds": c["train_seconds"], "models": c["models"],
+           "monotone": all(monotone(c["scheds"][d], c["grid"]) for d in DOMAINS), "domains": {}}
+    for d in DOMAINS:
+        cal = calibrate_dial(b, d, c["scheds"][d], c["grid"])
+        st = cal["settings"]
+        rep = report_levels(b, d, c["scheds"][d], st)
+        leak = leakage(b, d, c["scheds"][d], st["expert"])
+        qs = [r["query"] for r in ctx["parts"]["report"] if r["domain"] == d][:ctx["n_wf"]]
+        wf = {lvl: (b.well_formed(c["scheds"][d](s), qs) if s is not None else None) for lvl, s in st.items()}
+        res["domains"][d] = {"settings": st, "lambdas": {l: (c["scheds"][d](s) if s is not None else None) for l, s in st.items()},
+                             "dial_tune": cal["dial_tune"], "dial_report": cal["dial_report"],
+                             "sweep": cal["sweep"].to_dict(orient="records"), "report": rep, **leak, "well_formed": wf}
+        print(f"  {name} {d}: settings {st} dial(tune/report) {cal['dial_tune']}/{cal['dial_report']} "
+              f"reached {[lvl for lvl in LEVELS if rep[lvl] and rep[lvl]['pooled_reached']]} "
+              f"leak {leak['leakage_ratio']} shifts {leak['shifts']} wf {wf}", flush=True)
+    res["calibration_evaluations"] = b.n_evals
+    if search and all(res["domains"][d]["settings"][l] is not None for d in DOMAINS for l in LEVELS):
+        st = {d: res["domains"][d]["settings"] for d in DOMAINS}
+        probes = {d: sorted({st[d][l] for l in LEVELS if st[d][l] != 0.0}) for d in DOMAINS}
+        grid_pts = {d: c["grid"] for d in DOMAINS}
+        res["surrogate"] = surrogate_search(b, c["scheds"], probes, grid_pts)
+        print(f"  {name} surrogate: {res['surrogate']['reached']}/27 on the reporting half "
+              f"({res['surrogate']['tune_reached']}/27 tuning) in {res['surrogate']['evaluations']} evaluations", flush=True)
+        if not ctx["quick"]:
+            res["grid"] = grid_search(b, c["scheds"], ctx["grid_points"][name] if name in ctx["grid_points"] else (0.0, 1.0, 2.0, 3.0))
+            print(f"  {name} grid: {res['grid']['reached']}/27 ({res['grid']['tune_reached']}/27 tuning) "
+                  f"in {res['grid']['evaluations']} evaluations", flush=True)
+    res["seconds"] = time.perf_counter() - t0
+    return res
+
+
+def row(res:dict)->dict:
+    "One line of the table."
+    r = {"candidate": res["candidate"], "train_s": round(res["train_seconds"], 1), "monotone": res["monotone"]}
+    for d in DOMAINS:
+        x = res["domains"][d]
+        reached = "".join(lvl[0].upper() if x["report"][lvl] and x["report"][lvl]["pooled_reached"] else "·" for lvl in LEVELS)
+        unseen = "".join(lvl[0].upper() if x["report"][lvl] and x["report"][lvl]["unseen_reached"] else "·" for lvl in LEVELS)
+        r[f"{d[:3]} levels(pool/unseen)"] = f"{reached}/{unseen}" + (" dial" if x["dial_tune"] and x["dial_report"] else "")
+        lr = x["leakage_ratio"]
+        r[f"{d[:3]} leak"] = None if lr is None else (round(lr, 2) if np.isfinite(lr) else lr)
+        r[f"{d[:3]} E@exp"] = None if x.get("expert_share") is None else round(x["expert_share"], 2)
+        wf = [v for v in x["well_formed"].values() if v is not None]
+        r[f"{d[:3]} wf(min)"] = round(min(wf), 2) if wf else None
+    for s in ("surrogate", "grid"):
+        r[s] = f"{res[s]['reached']}/27 in {res[s]['evaluations']}" if s in res else None
+    return r
+
+
+def jsonable(x):
+    "numpy scalars as Python numbers for json."
+    if isinstance(x, np.bool_): return bool(x)
+    if isinstance(x, np.integer): return int(x)
+    if isinstance(x, np.floating): return float(x)
+    return str(x)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="/tmp/dial")
+    ap.add_argument("--quick", action="store_true", help="fewer candidates, 60 DPO steps, no grid search")
+    ap.add_argument("--only", default=None, help="comma-separated candidate names")
+    ap.add_argument("--fresh", action="store_true", help="recompute results (models stay cached)")
+    ap.add_argument("--search", default="perlevel_anchor1", help="candidates that also get the multidomain searches")
+    ap.add_argument("--threads", type=int, default=1)
+    a = ap.parse_args()
+    torch.set_num_threads(a.threads)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from av_nbdev.data import load_splits
+    from av_nbdev.models import load_model
+    from av_nbdev.train import tiny_pipeline, pipeline_metrics
+    out = Path(a.out); (out/"results").mkdir(parents=True, exist_ok=True)
+    paths = tiny_pipeline(progress=False)
+    pm = pipeline_metrics(paths).set_index("domain")
+    data = load_splits()
+    base, tok = load_model(paths["base"], dtype=torch.float32)
+    ctx = {"base_dir": paths["base"], "paths": paths, "train": data["train"], "parts": halves(data["test"]), "out": out,
+           "quick": a.quick, "dpo_steps": 60 if a.quick else 120, "base": base, "tok": tok, "n_wf": 16,
+           "pipeline_metrics": {d: {"steps": int(pm.loc[d, "steps"]), "seconds": float(pm.loc[d, "seconds"]),
+                                    "final_margin": float(pm.loc[d, "train_margin"])} for d in DOMAINS},
+           "generic_lam": {}, "expert_lam": {}, "grid_points": {}}
+    names = a.only.split(",") if a.only else (["plain", "perlevel", "perlevel_anchor1"] if a.quick else
+             ["plain", "plain_orth", "ordinal", "ordinal_ga2", "perlevel", "perlevel_handoff", "perlevel_orth",
+              "perlevel_anchor0.5", "perlevel_anchor1"])
+    rows = []
+    for n in names:
+        f = out/"results"/f"{n}{'-quick' if a.quick else ''}.json"
+        if f.exists() and not a.fresh: res = json.loads(f.read_text())
+        else:
+            print(f"== {n}", flush=True)
+            res = run_candidate(n, ctx, n in a.search.split(","))
+            f.write_text(json.dumps(res, default=jsonable))
+        rows.append(row(res))
+    table = pd.DataFrame(rows)
+    pd.set_option("display.width", 250); pd.set_option("display.max_columns", 40)
+    print(table.to_string(index=False))
+    (out/f"table{'-quick' if a.quick else ''}.md").write_text(table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string())
+
+
+if __name__ == "__main__":
+    main()
