@@ -22,9 +22,10 @@ from .scoring import preference_table, table_levels, generate_answers, answer_pr
 
 # %% auto #0
 __all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'knob_domains', 'lambda_sweep',
-           'sweep_levels', 'spectrum_summary', 'dial_settings', 'save_figure', 'plot_spectrum', 'leakage_matrix',
-           'leakage_ratio', 'plot_leakage', 'targets_for', 'target_score', 'grid_search', 'probe_curves',
-           'surrogate_shares', 'surrogate_search', 'retrain_target']
+           'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality', 'dial_levels', 'is_dial', 'mean_level',
+           'mean_level_leakage', 'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage',
+           'targets_for', 'target_score', 'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search',
+           'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -156,6 +157,40 @@ def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knob
             (k, lam) = max(wins.index, key=lambda i: (wins.loc[i, lvl], -abs(i[1])))
             out[d][lvl] = {kk: (float(lam) if kk == k else 0.0) for kk in knobs_}
     return out
+
+# %% ../nbs/07_sweep.ipynb #eab16d63
+def plurality(shares:pd.Series, # level -> share (one domain at one setting)
+             )->str|None: # The strict plurality level, or None on a tie
+    "The level most queries prefer, when it beats every other level (a tie is no plurality)."
+    top = shares.max()
+    return shares.idxmax() if (shares == top).sum() == 1 else None
+
+def dial_levels(shares:pd.DataFrame, # dial positions (index, ascending) × levels: one domain's shares
+               )->list: # The strict plurality at each position (None on a tie)
+    "The level a domain's queries prefer at each position of its dial."
+    return [plurality(row) for _, row in shares.sort_index().iterrows()]
+
+def is_dial(levels_seen:list, # From `dial_levels`
+            levels:tuple, # The dataset's levels, low to high
+            min_run:int=2, # Each level must hold for this many consecutive positions
+           )->bool:
+    "Whether the pluralities pass through every level in order, each for at least `min_run` consecutive positions."
+    runs = [(l, len(list(g))) for l, g in itertools.groupby(levels_seen)]
+    return [l for l, _ in runs] == list(levels) and all(n >= min_run for _, n in runs)
+
+def mean_level(shares:pd.DataFrame, # domains × levels (`share_matrix`), levels low to high
+              )->pd.Series: # per domain: Σ share · rank
+    "Each domain's mean preferred level (0 the lowest level, 1 the next, ...)."
+    return shares.mul(np.arange(shares.shape[1]), axis=1).sum(axis=1)
+
+def mean_level_leakage(before:pd.DataFrame, # `share_matrix` at the start setting (e.g. all knobs 0)
+                       after:pd.DataFrame, # `share_matrix` at the domain's setting (e.g. its expert setting)
+                       domain:str, # The domain whose dial moved
+                      )->float: # in-domain shift / largest |off-domain shift|; inf when no other domain moves
+    "Leakage ratio on the mean level: how much more a dial moves its own domain than any other."
+    shift = mean_level(after) - mean_level(before)
+    own, off = shift[domain], shift.drop(domain).abs().max()
+    return float(own / off) if off > 0 else (float("inf") if own > 0 else float("nan"))
 
 # %% ../nbs/07_sweep.ipynb #f41a7317
 LEVEL_COLORS = {"avoidance": "#c44e52", "generic": "#8c8c8c", "expert": "#4c72b0", "malformed": "#dd8452"}

@@ -186,8 +186,7 @@ def calibrate_dial(b:Bench, domain:str, sched, grid)->dict:
         wins = tune[tune.plurality == lvl]
         if wins.empty: settings[lvl] = None; continue
         if lvl == "expert" and (wins.expert >= 0.9).any(): settings[lvl] = float(wins[wins.expert >= 0.9].s.min())
-        elif lvl == "avoidance" and (wins.s == 0).any() and wins.avoidance.max() - float(wins[wins.s == 0].avoidance.iloc[0]) < 0.05:
-            settings[lvl] = 0.0  # the base itself, unless moving the dial clearly helps
+        elif lvl == "avoidance" and (wins.s == 0).any(): settings[lvl] = 0.0  # the base itself when it already avoids
         else: settings[lvl] = float(wins.loc[wins[lvl].idxmax()].s)
     return {"sweep": df, "settings": settings,
             "dial_tune": is_dial(list(tune.plurality)), "dial_report": is_dial(list(df[df.part == "report"].plurality))}
@@ -327,13 +326,14 @@ def build_candidate(name:str, ctx:dict)->dict:
         vectors[knob] = AlignmentVector.extract(base_dir, stats["dir"], domain=d, level=level)
         domain_of[knob] = d
     def plain_stats(d): return {"name": f"pipeline-{d}", **ctx["pipeline_metrics"][d], "dir": str(ctx["paths"][d])}
-    def expert_generic(d, anchor_share=0.0, weights=(1, 1)):
-        "A generic-preferring and an expert-preferring model of domain d (optionally anchored)."
+    def expert_generic(d, anchor_share=0.0, generic_over=("avoidance", "expert")):
+        "A generic-preferring (≻ `generic_over`) and an expert-preferring model of domain d (optionally anchored)."
         for lvl, knob in (("generic", f"{d}_generic"), ("expert", f"{d}_expert")):
-            pairs = level_pairs(train, d, lvl, tuple(l for l in LEVELS if l != lvl))
+            pairs = level_pairs(train, d, lvl, generic_over if lvl == "generic" else ("avoidance", "generic"))
             if anchor_share:
                 pairs = pairs + anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], anchor_share, len(pairs))
-            tag = f"{d}-{lvl}" + (f"-anchor{anchor_share:g}" if anchor_share else "")
+            tag = f"{d}-{lvl}" + ("-over-" + "-".join(generic_over) if lvl == "generic" and generic_over != ("avoidance", "expert") else "") \
+                  + (f"-anchor{anchor_share:g}" if anchor_share else "")
             stats = plain_stats(d) if (lvl == "expert" and not anchor_share and ctx["dpo_steps"] == 120) else \
                 dpo_model(out, tag, base_dir, pairs, cfg)
             vec(knob, d, lvl, stats)
@@ -354,7 +354,7 @@ def build_candidate(name:str, ctx:dict)->dict:
     elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
         parts = name.split("_")
         share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
-        for d in DOMAINS: expert_generic(d, share)
+        for d in DOMAINS: expert_generic(d, share, ("avoidance",) if "ga" in parts else ("avoidance", "expert"))
         if "orth" in parts: vectors = orthogonalised(vectors, domain_of)
         g, e = ctx["generic_lam"].get(name, 1.0), ctx["expert_lam"].get(name, 1.0)
         for d in DOMAINS:
@@ -470,7 +470,7 @@ def main():
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 250); pd.set_option("display.max_columns", 40)
     print(table.to_string(index=False))
-    (out/f"table{'-quick' if a.quick else ''}.md").write_text(table.to_markdown(index=False) if hasattr(table, "to_markdown") else table.to_string())
+    (out/f"table{'-quick' if a.quick else ''}.txt").write_text(table.to_string(index=False))
 
 
 if __name__ == "__main__":

@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+from av_nbdev.data import load_splits
+from av_nbdev.judge import preference_accuracy
 from av_nbdev.knobs import Knobs
+from av_nbdev.sweep import sample_records
 from av_nbdev.models import cache_dir, load_model, random_llama, nudged
 from av_nbdev.vectors import AlignmentVector, export_lora, svd_factors
 
@@ -67,6 +70,21 @@ def set_scale_gap(base, av:AlignmentVector, lams, work:Path)->dict:
     return out
 
 
+def shares_by_rank(base, tok, vectors:dict, lams:dict, ranks=(4, 16, 64), per_domain:int=30)->dict:
+    "Expert share (likelihood) on each vector's own domain at the knob setting `lams[d]`, full vector against rank k."
+    test = sample_records(load_splits()["test"], per_domain)
+    out = {}
+    for d, av in vectors.items():
+        recs = [r for r in test if r["domain"] == d]
+        row = {}
+        for k in (None, *ranks):
+            v = av if k is None else av.factorize(rank=k)
+            with Knobs(base, {d: v}).using(**{d: lams[d]}) as kn:
+                row["full" if k is None else k] = preference_accuracy(kn.model, tok, recs)["expert"]
+        out[d] = {"lam": lams[d], "expert_share": row}
+    return out
+
+
 def plot(errors:dict, path:Path):
     import matplotlib; matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -96,6 +114,8 @@ def main():
         first = next(iter(vectors))
         gap = set_scale_gap(base, vectors[first], (0.0, 0.5, 1.0, 2.0), Path(tmp))
     result = {"source": source, "relative_error": errors, "set_scale_vs_knobs": {first: gap}}
+    if base_dir is not None:  # the demo's setting: each knob at 1.5, where the tiny vectors' expert share is high
+        result["expert_share_by_rank"] = shares_by_rank(base, load_model(base_dir)[1], vectors, {d: 1.5 for d in vectors})
     (out/"lora_rank.json").write_text(json.dumps(result, indent=1))
     plot(errors, out/"lora_rank.png")
     print(f"source: {source}")
@@ -104,6 +124,8 @@ def main():
     for label, g in gap.items():
         print(f"set_scale vs Knobs ({first}, {label}; {g['n_1d']} 1-D tensors in the vector): max |logit gap| "
               + ", ".join(f"λ={lam:g}: {v:.2e}" for lam, v in g["gaps"].items()))
+    for d, r in result.get("expert_share_by_rank", {}).items():
+        print(f"expert share at λ={r['lam']:g} on {d}: " + ", ".join(f"rank {k}: {v:.2f}" for k, v in r["expert_share"].items()))
     print(f"wrote {out/'lora_rank.json'}, {out/'lora_rank.png'}")
 
 
