@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt
 
 import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
-from .data import DOMAINS, LEVELS, load_splits
+from .data import DOMAINS, LEVELS, load_splits, load_records, default_data_dir
 from .models import load_model
 from .train import tiny_pipelines, pipeline_metrics, DPOConfig
 from .stages import records_hash, run_jobs, stage_key, cached_stage
@@ -26,15 +26,15 @@ from .judge import TfidfJudge, judge_accuracy, prompting_baseline, cost_summary
 from .scoring import generate_answers
 from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
-                           save_figure, dial_settings)
+                           save_figure, dial_settings, plurality, share_matrix, evaluate, target_score)
 from .baselines import compare_baselines
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file', 'dpo_stage',
-           'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
+__all__ = ['REAL_DEMO', 'MARKER', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file',
+           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'cost_stage',
            'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
-           'baselines_stage', 'run_demo', 'write_report', 'summary_text', 'results_table', 'readme_section',
-           'update_readme']
+           'baselines_stage', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
+           'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -253,6 +253,27 @@ def baselines_stage(paths:dict, # The base and one plain DPO model per domain
     cfg = _config(cfg)
     return compare_baselines({k: Path(v) for k, v in paths.items()}, per_domain=cfg.baseline_per_domain, seed=cfg.seed)
 
+HANDWRITTEN = "handwritten.jsonl"  # hand-written held-out queries beside the dataset (never trained or tuned on)
+
+def handwritten_check(base:Path, # Checkpoint the knobs act on
+                      vectors:dict, # knob -> vector file
+                      dial:dict, # From `sweep.dial_settings`
+                      best:list, # `multidomain.best` rows
+                     )->dict|None: # levels each dial reaches, and targets reached, on the hand-written queries
+    "The settings chosen on the generated queries, measured once more on hand-written ones (None without the file)."
+    f = default_data_dir()/HANDWRITTEN
+    if not f.exists(): return None
+    recs = load_records(f)
+    knobs, tok = _knobs(base, vectors)
+    levels = {}
+    for dom, by_level in dial.items():
+        got = [lvl for lvl, lam in by_level.items()
+               if lam is not None and plurality(share_matrix(evaluate(knobs, tok, recs, **lam)).loc[dom]) == lvl]
+        levels[dom] = got
+    tried = [r for r in best if r["reached"]]  # the targets reached on the generated queries
+    reached = [r["target"] for r in tried if target_score(share_matrix(evaluate(knobs, tok, recs, **r["lambdas"])), r["target"])[0]]
+    return {"records": len(recs), "dial_levels_reached": levels, "targets_tried": len(tried), "targets_reached": reached}
+
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
              cfg:DemoConfig|None=None, # Sizes; default `DemoConfig()`
@@ -351,6 +372,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                       "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in surr["best"]]
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
+    report["handwritten"] = handwritten_check(base, vec("plain"), report["dial"], report["multidomain"]["best"])
     write_report(out, report, sweep, transfer, leaks, summary, cost, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))
@@ -401,6 +423,12 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, co
            md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
            "## The dial: the swept λ at which each level is the strict plurality in its own domain", "",
            md_table(pd.DataFrame([{"domain": d, **{l: (None if s is None else s[d]) for l, s in lv.items()}} for d, lv in report["dial"].items()])), ""]
+    if report.get("handwritten"):
+        h = report["handwritten"]
+        md += ["## Hand-written queries (never trained or tuned on)", "",
+               f"{h['records']} records. Dial levels reached there (at the settings found on generated queries): " +
+               "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
+               f". Multidomain targets reached there: {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""]
     if report.get("baselines"):
         cond = report["baselines_conditions"]
         md += ["## Baselines (setting chosen on a tuning half, reported on the other half)", "",
@@ -459,6 +487,11 @@ def results_table(report:dict, # A `report.json` of `av demo`
              f"paper's grid {md_['grid']['reached']} in {md_['grid']['evaluations']} evaluations; "
              f"probe–solve–verify search {md_['surrogate']['reached']} in {md_['surrogate']['evaluations']}"),
             (f"prompting vs vector (expert answers, judged, {report['cost'][0]['answers']} queries)", cost)]
+    if report.get("handwritten"):
+        h = report["handwritten"]
+        rows.append((f"hand-written queries ({h['records']}, never tuned on): dial levels reached",
+                     "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
+                     f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"))
     rows += [("retraining vs vector (" + ", ".join(f"{k.removeprefix('target_')} {v}" for k, v in r.items() if k.startswith("target_")) + ")",
               f"joint DPO {r['retrain_seconds']:.1f} s (reached: {r['retrain_reached']}, accuracy {r['retrain_accuracy']:.2f}) vs "
               f"{r['av_seconds']:.2f} s of search (reached: {r['av_reached']}, accuracy {r['av_accuracy']:.2f}): {r['speedup']:.0f}×")

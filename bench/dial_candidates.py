@@ -319,7 +319,8 @@ def build_candidate(name:str, ctx:dict)->dict:
     from av_nbdev.vectors import AlignmentVector
     from av_nbdev.train import DPOConfig
     base_dir, train, out, quick = ctx["base_dir"], ctx["train"], ctx["out"], ctx["quick"]
-    cfg = DPOConfig(steps=ctx["dpo_steps"])
+    steps = next((int(p[1:]) for p in name.split("_") if p[:1] == "s" and p[1:].isdigit()), ctx["dpo_steps"])
+    cfg = DPOConfig(steps=steps)  # candidate suffix _sN: at most N steps (the margin stop still applies)
     models, vectors, domain_of = [], {}, {}
     def vec(knob, d, level, stats):
         models.append({k: v for k, v in stats.items() if k != "dir"})
@@ -332,9 +333,9 @@ def build_candidate(name:str, ctx:dict)->dict:
             pairs = level_pairs(train, d, lvl, generic_over if lvl == "generic" else ("avoidance", "generic"))
             if anchor_share:
                 pairs = pairs + anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], anchor_share, len(pairs))
-            tag = f"{d}-{lvl}" + ("-over-" + "-".join(generic_over) if lvl == "generic" and generic_over != ("avoidance", "expert") else "") \
+            tag = f"{d}-{lvl}" + (f"-s{cfg.steps}" if cfg.steps != 120 else "") + ("-over-" + "-".join(generic_over) if lvl == "generic" and generic_over != ("avoidance", "expert") else "") \
                   + (f"-anchor{anchor_share:g}" if anchor_share else "")
-            stats = plain_stats(d) if (lvl == "expert" and not anchor_share and ctx["dpo_steps"] == 120) else \
+            stats = plain_stats(d) if (lvl == "expert" and not anchor_share and cfg.steps == 120) else \
                 dpo_model(out, tag, base_dir, pairs, cfg)
             vec(knob, d, lvl, stats)
     scheds, grid = {}, None
