@@ -12,7 +12,7 @@ import torch
 
 # %% auto #0
 __all__ = ['AVError', 'check_new_path', 'fsync_dir', 'atomic_path', 'atomic_dir', 'file_lock', 'build_once', 'set_seed',
-           'default_device', 'short_hash', 'cache_dir']
+           'default_device', 'seeded_sample', 'short_hash', 'cache_dir']
 
 # %% ../nbs/00_core.ipynb #11354ce2
 class AVError(ValueError):
@@ -120,6 +120,15 @@ def set_seed(seed:int=0, # Seed for python, numpy and torch
 def default_device()->str:
     "`cuda` when a GPU is present, else `cpu`."
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+# %% ../nbs/00_core.ipynb #c694d534
+def seeded_sample(items:list, # What to draw from
+                  k:int, # How many (all when fewer)
+                  seed:int=0, # Same seed, same items in the same order
+                 )->list:
+    "`k` items drawn without replacement by a seeded permutation (torch's generator: the same on every platform)."
+    g = torch.Generator().manual_seed(seed)
+    return [items[i] for i in torch.randperm(len(items), generator=g)[:k].tolist()]
 
 # %% ../nbs/00_core.ipynb #1d44bce3
 def short_hash(*parts, # JSON-able settings and input hashes

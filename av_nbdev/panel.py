@@ -4,7 +4,7 @@
 
 # %% ../nbs/08_panel.ipynb #cc0baa29
 from __future__ import annotations
-import contextlib, html, io, json, random, threading
+import contextlib, html, io, json, threading
 from pathlib import Path
 
 import ipywidgets as W
@@ -12,7 +12,7 @@ import seaborn as sns
 from fastcore.basics import patch
 from matplotlib.figure import Figure
 
-from .core import AVError
+from .core import AVError, seeded_sample
 from .scoring import generate_answers
 from .judge import judge_accuracy, preference_accuracy
 
@@ -133,7 +133,7 @@ class KnobPanel:
         settings = [s for levels in self.dial.values() for s in levels.values() if s] + [r["lambdas"] for r in self.targets]
         self.lam_range, self.step = settings_range(lam_range, settings), step
         records = list(records or [])
-        self.records = random.Random(0).sample(records, min(n_records, len(records)))
+        self.records = seeded_sample(records, n_records)
         self.queries = [_query_text(q) for q in queries]
         if judge_acc is None and judge is not None and self.records: judge_acc = _judge_acc(judge, self.records)
         self.judge_acc = judge_acc

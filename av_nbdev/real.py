@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 import av_nbdev
-from .core import AVError, build_once, cache_dir, short_hash
+from .core import AVError, build_once, cache_dir, seeded_sample, short_hash
 from .data import DOMAINS, load_splits
 from .models import base_dir, load_model, save_checkpoint
 from .stages import records_hash, write_csv, write_json
@@ -52,8 +52,7 @@ def sample_pairs(records:list, # Records in the data schema
     "A seeded sample of `n` DPO pairs of `domain` preferring `level`."
     pairs = build_pairs(records, domain, level)
     if not 0 < n <= len(pairs): raise AVError(f"n_pairs={n}: {domain} has {len(pairs)} pairs preferring {level}")
-    g = torch.Generator().manual_seed(seed)
-    return [pairs[i] for i in torch.randperm(len(pairs), generator=g)[:n].tolist()]
+    return seeded_sample(pairs, n, seed)
 
 # %% ../nbs/11_real.ipynb #799b3bd5
 def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress, refresh=False)->Path:

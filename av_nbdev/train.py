@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import AVError, build_once, cache_dir, set_seed, short_hash
+from .core import AVError, build_once, cache_dir, seeded_sample, set_seed, short_hash
 from .data import dpo_pairs, sft_examples, load_splits, domains_of, levels_of
 from .models import TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model
 from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, response_logprobs, preference_table, well_formed,
@@ -247,9 +247,7 @@ def build_pairs(records:list, # Training records
     if not anchor: return pairs
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
     others = [r for r in records if r["domain"] != domain]
-    g = torch.Generator().manual_seed(seed)
-    n = min(len(others), round(anchor_share * len(pairs)))
-    others = [others[i] for i in torch.randperm(len(others), generator=g)[:n].tolist()]
+    others = seeded_sample(others, round(anchor_share * len(pairs)), seed)
     anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
                for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors
