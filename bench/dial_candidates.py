@@ -30,6 +30,7 @@ import torch
 LEVELS = ("avoidance", "generic", "expert")
 DOMAINS = ("medical", "legal", "financial")
 STEP = 0.25
+WINNER = "perlevel_ga_anchor1_s240"  # the candidate the measurements below favour
 
 
 # ----------------------------------------------------------------------------------------------------------------- data
@@ -62,6 +63,54 @@ def dpo_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, init_dir:Path|
     save_checkpoint(policy, tok, d, overwrite=True)
     stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
              "final_margin": float(log.margin.iloc[-3:].mean()), "final_reward_acc": float(log.reward_acc.iloc[-1])}
+    meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
+    return stats | {"dir": str(d)}
+
+
+def dpo_retain(policy, reference, tok, pairs:list, retain:list, cfg, gamma:float, per_step:int=8):
+    """DPO on `pairs` plus `gamma` × the mean squared change of the per-token log-likelihood of `retain` items
+    ({"query","response"}: other domains' queries with every level's response) against the reference; a batch of
+    `per_step` retain items per step. Stops on the DPO reward margin like `train.dpo`."""
+    from av_nbdev.scoring import response_logprob_sums
+    from av_nbdev.train import train_loop, dpo_loss, margin_stop, by_query
+    reference.eval()
+    g = torch.Generator().manual_seed(cfg.seed)
+    def sums(model, qs, rs): return response_logprob_sums(model, tok, qs, rs, max_length=cfg.max_length, batch_size=4)
+    def step(micro:list)->dict:
+        n, st = sum(map(len, micro)), dict(loss=0.0, margin=0.0, reward_acc=0.0, retain=0.0)
+        for idx in micro:
+            ps = [pairs[i] for i in idx]
+            qs, rs = [p["query"] for p in ps for _ in (0, 1)], [p[k] for p in ps for k in ("chosen", "rejected")]
+            with torch.no_grad(): ref, _ = sums(reference, qs, rs)
+            pol, _ = sums(policy, qs, rs)
+            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=cfg.beta)
+            (loss.sum() / n).backward()
+            st["loss"] += loss.sum().item() / n; st["margin"] += (rw - rl).sum().item() / n
+            st["reward_acc"] += (rw > rl).float().sum().item() / n
+        keep = [retain[i] for i in torch.randint(len(retain), (per_step,), generator=g).tolist()]
+        qs, rs = [x["query"] for x in keep], [x["response"] for x in keep]
+        with torch.no_grad(): ref, cnt = sums(reference, qs, rs)
+        pol, _ = sums(policy, qs, rs)
+        drift = ((pol - ref) / cnt.clamp(min=1)).pow(2).mean()
+        (gamma * drift).backward(); st["retain"] = drift.item()
+        return st
+    return train_loop(policy, cfg, len(pairs), step, "dpo-retain", stop=margin_stop(cfg), progress=False, groups=by_query(pairs))
+
+
+def retain_model(out:Path, name:str, base_dir:Path, pairs:list, retain:list, cfg, gamma:float)->dict:
+    "Train (or reuse) a `dpo_retain` model of the base; its folder and stats."
+    from av_nbdev.core import short_hash
+    from av_nbdev.models import load_model, save_checkpoint
+    key = short_hash(name, str(base_dir), [json.dumps(p, sort_keys=True) for p in pairs], len(retain), gamma, asdict(cfg))
+    d = out/"models"/f"{name}-{key}"
+    meta = d.parent/f"{d.name}.json"
+    if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
+    reference, tok = load_model(base_dir, dtype=torch.float32)
+    policy, _ = load_model(base_dir, dtype=torch.float32)
+    log = dpo_retain(policy, reference, tok, pairs, retain, cfg, gamma)
+    save_checkpoint(policy, tok, d, overwrite=True)
+    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
+             "final_margin": float(log.margin.iloc[-3:].mean()), "final_retain": float(log.retain.iloc[-3:].mean())}
     meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
     return stats | {"dir": str(d)}
 
@@ -171,8 +220,11 @@ class Bench:
             return float(well_formed(self.model, self.tok, queries).problem.isna().mean())
 
 
-def calibrate_dial(b:Bench, domain:str, sched, grid)->dict:
-    "Sweep one dial on its own domain (both halves); choose each level's setting on the tuning half."
+def calibrate_dial(b:Bench, domain:str, sched, grid, n_wf:int=16, min_wf:float=0.8)->dict:
+    """Sweep one dial on its own domain (both halves); choose each level's setting on the tuning half: avoidance at
+    s=0 when the base already avoids, else where its share peaks; generic where its share peaks; expert at the smallest
+    s with an expert share ≥ 0.9, else where it peaks; generic and expert only among settings whose greedy answers to
+    `n_wf` tuning queries are ≥ `min_wf` well-formed (checked from the preferred setting on, until one passes)."""
     rows = []
     for s in grid:
         lam = sched(s)
@@ -181,14 +233,19 @@ def calibrate_dial(b:Bench, domain:str, sched, grid)->dict:
             rows.append({"s": float(s), "part": part, **sh.to_dict(), "plurality": plurality(sh)})
     df = pd.DataFrame(rows)
     tune = df[df.part == "tune"].reset_index(drop=True)
-    settings = {}
+    settings, checked = {}, {}
+    qs = [r["query"] for r in b.parts["tune"] if r["domain"] == domain][:n_wf]
     for lvl in LEVELS:
         wins = tune[tune.plurality == lvl]
         if wins.empty: settings[lvl] = None; continue
-        if lvl == "expert" and (wins.expert >= 0.9).any(): settings[lvl] = float(wins[wins.expert >= 0.9].s.min())
-        elif lvl == "avoidance" and (wins.s == 0).any(): settings[lvl] = 0.0  # the base itself when it already avoids
-        else: settings[lvl] = float(wins.loc[wins[lvl].idxmax()].s)
-    return {"sweep": df, "settings": settings,
+        if lvl == "avoidance" and (wins.s == 0).any(): settings[lvl] = 0.0; continue  # the base itself when it already avoids
+        if lvl == "expert": order = sorted(wins.itertuples(), key=lambda r: (not r.expert >= 0.9, r.s if r.expert >= 0.9 else -r.expert))
+        else: order = sorted(wins.itertuples(), key=lambda r: -getattr(r, lvl))
+        settings[lvl] = None
+        for r in order:
+            wf = checked.setdefault(r.s, b.well_formed(sched(r.s), qs))
+            if wf >= min_wf: settings[lvl] = float(r.s); break
+    return {"sweep": df, "settings": settings, "tune_well_formed": {str(k): v for k, v in checked.items()},
             "dial_tune": is_dial(list(tune.plurality)), "dial_report": is_dial(list(df[df.part == "report"].plurality))}
 
 
@@ -327,15 +384,19 @@ def build_candidate(name:str, ctx:dict)->dict:
         vectors[knob] = AlignmentVector.extract(base_dir, stats["dir"], domain=d, level=level)
         domain_of[knob] = d
     def plain_stats(d): return {"name": f"pipeline-{d}", **ctx["pipeline_metrics"][d], "dir": str(ctx["paths"][d])}
-    def expert_generic(d, anchor_share=0.0, generic_over=("avoidance", "expert")):
+    def expert_generic(d, anchor_share=0.0, generic_over=("avoidance", "expert"), expert_weight=1, retain_gamma=0.0):
         "A generic-preferring (≻ `generic_over`) and an expert-preferring model of domain d (optionally anchored)."
         for lvl, knob in (("generic", f"{d}_generic"), ("expert", f"{d}_expert")):
-            pairs = level_pairs(train, d, lvl, generic_over if lvl == "generic" else ("avoidance", "generic"))
+            pairs = level_pairs(train, d, lvl, generic_over if lvl == "generic" else ("avoidance", "generic"),
+                                expert_weight if lvl == "expert" else 1)
             if anchor_share:
                 pairs = pairs + anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], anchor_share, len(pairs))
             tag = f"{d}-{lvl}" + (f"-s{cfg.steps}" if cfg.steps != 120 else "") + ("-over-" + "-".join(generic_over) if lvl == "generic" and generic_over != ("avoidance", "expert") else "") \
-                  + (f"-anchor{anchor_share:g}" if anchor_share else "")
-            stats = plain_stats(d) if (lvl == "expert" and not anchor_share and cfg.steps == 120) else \
+                  + (f"-anchor{anchor_share:g}" if anchor_share else "") + (f"-w{expert_weight}" if lvl == "expert" and expert_weight != 1 else "")
+            if retain_gamma:  # other domains' queries with every level's response keep their likelihood
+                retain = [{"query": r["query"], "response": r["responses"][l]} for r in train if r["domain"] != d for l in LEVELS]
+                stats = retain_model(out, tag + f"-retain{retain_gamma:g}", base_dir, pairs, retain, cfg, retain_gamma)
+            else: stats = plain_stats(d) if (lvl == "expert" and not anchor_share and cfg.steps == 120 and expert_weight == 1) else \
                 dpo_model(out, tag, base_dir, pairs, cfg)
             vec(knob, d, lvl, stats)
     scheds, grid = {}, None
@@ -345,17 +406,25 @@ def build_candidate(name:str, ctx:dict)->dict:
         scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01 if name == "plain" else 6.01, STEP), 2)
     elif name.startswith("ordinal"):
-        w = {"ordinal": (1, 1, 1), "ordinal_ga2": (1, 2, 1), "ordinal_ga3": (1, 3, 0)}[name]  # (E≻G, G≻A, E≻A)
+        parts = name.split("_")
+        w = (1, 2, 1) if "ga2" in parts else (1, 1, 1)  # weights of the (E≻G, G≻A, E≻A) pairs
+        share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
         for d in DOMAINS:
             pairs = (level_pairs(train, d, "expert", ("generic",), w[0]) + level_pairs(train, d, "generic", ("avoidance",), w[1])
                      + level_pairs(train, d, "expert", ("avoidance",), w[2]))
+            if share:  # off-domain: the base's preferred level ≻ generic and ≻ expert
+                n = len(pairs) // 2
+                pairs = pairs + [p for lvl in ("generic", "expert")
+                                 for p in anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], share, n, seed=LEVELS.index(lvl))]
             vec(d, d, "expert", dpo_model(out, f"{d}-{name}", base_dir, pairs, cfg))
         scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01, STEP), 2)
     elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
         parts = name.split("_")
         share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
-        for d in DOMAINS: expert_generic(d, share, ("avoidance",) if "ga" in parts else ("avoidance", "expert"))
+        ew = next((int(p[2:]) for p in parts if p.startswith("ew")), 1)  # _ewN: the expert model's own pairs N times
+        gamma = next((float(p[6:]) for p in parts if p.startswith("retain")), 0.0)  # _retainG: `dpo_retain` with γ=G
+        for d in DOMAINS: expert_generic(d, share, ("avoidance",) if "ga" in parts else ("avoidance", "expert"), ew, gamma)
         if "orth" in parts: vectors = orthogonalised(vectors, domain_of)
         g, e = ctx["generic_lam"].get(name, 1.0), ctx["expert_lam"].get(name, 1.0)
         for d in DOMAINS:
@@ -385,15 +454,15 @@ def run_candidate(name:str, ctx:dict, search:bool)->dict:
         qs = [r["query"] for r in ctx["parts"]["report"] if r["domain"] == d][:ctx["n_wf"]]
         wf = {lvl: (b.well_formed(c["scheds"][d](s), qs) if s is not None else None) for lvl, s in st.items()}
         res["domains"][d] = {"settings": st, "lambdas": {l: (c["scheds"][d](s) if s is not None else None) for l, s in st.items()},
-                             "dial_tune": cal["dial_tune"], "dial_report": cal["dial_report"],
+                             "dial_tune": cal["dial_tune"], "dial_report": cal["dial_report"], "tune_well_formed": cal["tune_well_formed"],
                              "sweep": cal["sweep"].to_dict(orient="records"), "report": rep, **leak, "well_formed": wf}
         print(f"  {name} {d}: settings {st} dial(tune/report) {cal['dial_tune']}/{cal['dial_report']} "
               f"reached {[lvl for lvl in LEVELS if rep[lvl] and rep[lvl]['pooled_reached']]} "
               f"leak {leak['leakage_ratio']} shifts {leak['shifts']} wf {wf}", flush=True)
     res["calibration_evaluations"] = b.n_evals
-    if search and all(res["domains"][d]["settings"][l] is not None for d in DOMAINS for l in LEVELS):
-        st = {d: res["domains"][d]["settings"] for d in DOMAINS}
-        probes = {d: sorted({st[d][l] for l in LEVELS if st[d][l] != 0.0}) for d in DOMAINS}
+    if search and all(res["domains"][d]["settings"]["expert"] is not None for d in DOMAINS):
+        st = {d: res["domains"][d]["settings"] for d in DOMAINS}  # probes: each dial at its tuned level settings
+        probes = {d: sorted({st[d][l] for l in LEVELS if st[d][l] not in (None, 0.0)}) for d in DOMAINS}
         grid_pts = {d: c["grid"] for d in DOMAINS}
         res["surrogate"] = surrogate_search(b, c["scheds"], probes, grid_pts)
         print(f"  {name} surrogate: {res['surrogate']['reached']}/27 on the reporting half "
@@ -435,10 +504,10 @@ def jsonable(x):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="/tmp/dial")
-    ap.add_argument("--quick", action="store_true", help="fewer candidates, 60 DPO steps, no grid search")
+    ap.add_argument("--quick", action="store_true", help="three candidates (plain, per-level, the winner), no grid search")
     ap.add_argument("--only", default=None, help="comma-separated candidate names")
     ap.add_argument("--fresh", action="store_true", help="recompute results (models stay cached)")
-    ap.add_argument("--search", default="perlevel_anchor1", help="candidates that also get the multidomain searches")
+    ap.add_argument("--search", default=f"plain,perlevel,{WINNER}", help="candidates that also get the multidomain searches")
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
@@ -452,13 +521,13 @@ def main():
     data = load_splits()
     base, tok = load_model(paths["base"], dtype=torch.float32)
     ctx = {"base_dir": paths["base"], "paths": paths, "train": data["train"], "parts": halves(data["test"]), "out": out,
-           "quick": a.quick, "dpo_steps": 60 if a.quick else 120, "base": base, "tok": tok, "n_wf": 16,
+           "quick": a.quick, "dpo_steps": 120, "base": base, "tok": tok, "n_wf": 16,
            "pipeline_metrics": {d: {"steps": int(pm.loc[d, "steps"]), "seconds": float(pm.loc[d, "seconds"]),
                                     "final_margin": float(pm.loc[d, "train_margin"])} for d in DOMAINS},
            "generic_lam": {}, "expert_lam": {}, "grid_points": {}}
-    names = a.only.split(",") if a.only else (["plain", "perlevel", "perlevel_anchor1"] if a.quick else
-             ["plain", "plain_orth", "ordinal", "ordinal_ga2", "perlevel", "perlevel_handoff", "perlevel_orth",
-              "perlevel_anchor0.5", "perlevel_anchor1"])
+    names = a.only.split(",") if a.only else (["plain", "perlevel", WINNER] if a.quick else
+             ["plain", "plain_orth", "ordinal", "ordinal_anchor1_s240", "perlevel", "perlevel_handoff",
+              "perlevel_anchor0.5", "perlevel_anchor1", WINNER, WINNER + "_handoff", WINNER + "_ew2"])
     rows = []
     for n in names:
         f = out/"results"/f"{n}{'-quick' if a.quick else ''}.json"
