@@ -447,7 +447,7 @@ def run_candidate(name:str, ctx:dict, search:bool)->dict:
     res = {"candidate": name, "train_seconds": c["train_seconds"], "models": c["models"],
            "monotone": all(monotone(c["scheds"][d], c["grid"]) for d in DOMAINS), "domains": {}}
     for d in DOMAINS:
-        cal = calibrate_dial(b, d, c["scheds"][d], c["grid"])
+        cal = calibrate_dial(b, d, c["scheds"][d], c["grid"], min_wf=ctx["min_wf"])
         st = cal["settings"]
         rep = report_levels(b, d, c["scheds"][d], st)
         leak = leakage(b, d, c["scheds"][d], st["expert"])
@@ -509,6 +509,7 @@ def main():
     ap.add_argument("--fresh", action="store_true", help="recompute results (models stay cached)")
     ap.add_argument("--search", default=f"plain,perlevel,{WINNER}", help="candidates that also get the multidomain searches")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--min-wf", type=float, default=0.8, help="well-formed share (tuning queries) a chosen setting must keep")
     a = ap.parse_args()
     torch.set_num_threads(a.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -524,19 +525,19 @@ def main():
            "quick": a.quick, "dpo_steps": 120, "base": base, "tok": tok, "n_wf": 16,
            "pipeline_metrics": {d: {"steps": int(pm.loc[d, "steps"]), "seconds": float(pm.loc[d, "seconds"]),
                                     "final_margin": float(pm.loc[d, "train_margin"])} for d in DOMAINS},
-           "generic_lam": {}, "expert_lam": {}, "grid_points": {}}
+           "generic_lam": {}, "expert_lam": {}, "grid_points": {}, "min_wf": a.min_wf}
     names = a.only.split(",") if a.only else (["plain", "perlevel", WINNER] if a.quick else
              ["plain", "plain_orth", "ordinal", "ordinal_anchor1_s240", "perlevel", "perlevel_handoff",
               "perlevel_anchor0.5", "perlevel_anchor1", WINNER, WINNER + "_handoff", WINNER + "_ew2"])
     rows = []
     for n in names:
-        f = out/"results"/f"{n}{'-quick' if a.quick else ''}.json"
+        f = out/"results"/f"{n}{'-quick' if a.quick else ''}{'' if a.min_wf == 0.8 else f'-minwf{a.min_wf:g}'}.json"
         if f.exists() and not a.fresh: res = json.loads(f.read_text())
         else:
             print(f"== {n}", flush=True)
             res = run_candidate(n, ctx, n in a.search.split(","))
             f.write_text(json.dumps(res, default=jsonable))
-        rows.append(row(res))
+        rows.append(row(res) | ({"min_wf": a.min_wf} if a.min_wf != 0.8 else {}))
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 250); pd.set_option("display.max_columns", 40)
     print(table.to_string(index=False))
