@@ -319,16 +319,16 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     c = asdict(cfg)  # settings travel to the stage processes as a dict
     jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
     targets = retrain_targets(cfg)
+    if model is None and cfg.baseline_per_domain:
+        jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
+                             lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
+                                        "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     jobs |= {"grid": stage("search_stage", (md_kind,), ("grid", base, vec(md_kind), sample, c), md_kind),  # longest first
              "surrogate": stage("search_stage", (md_kind,), ("surrogate", base, vec(md_kind), sample, c), md_kind),
              "sweep": stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))}
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
     jobs["cost"] = stage("cost_stage", ("plain",), (base, vec("plain"), c))
-    if model is None and cfg.baseline_per_domain:
-        jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
-                             lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
-                                        "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     if "pretrain" in shared and cfg.transfer_grid:
         jobs["transfer"] = stage("sweep_stage", ("plain",), (shared["pretrain"], vec("plain"), sample, c, False, cfg.transfer_grid, True))
     res, t_stages = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
