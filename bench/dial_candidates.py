@@ -1,6 +1,6 @@
 """Which training gives each domain a three-level dial (avoidance → generic → expert) that stays in its own domain?
 
-Compares training methods for the tiny model's vectors under the issue's definitions, in one table:
+Compares training methods for the tiny model's vectors under the package's dial definitions, in one table:
 
 - dial: one scalar s per domain mapped to the λs of that domain's vectors by a piecewise-linear schedule; on a grid of
   s (step 0.25) the strict plurality of the domain's own held-out queries must go avoidance → generic → expert, each

@@ -1,4 +1,4 @@
-"""Benchmarks for issue 3: knob moves against a plain in-place add, and `av extract` / `av merge` against
+"""Benchmarks: knob moves against a plain in-place add, and `av extract` / `av merge` against
 mergekit on two random ~0.94B-parameter Llama checkpoints.
 
     python bench/knobs.py knobs                 # (a) ~270M-param model, fp32 and bf16 (~2 min, ~5 GB RAM)

@@ -1,7 +1,7 @@
 """Wall time and peak RSS of streaming extraction and merging on random Llama checkpoints.
 
     .venv/bin/python bench/stream_memory.py                      # ~0.2B params, fp32, 256 MB shards
-    .venv/bin/python bench/stream_memory.py --hidden 2048 --layers 16 --inter 5504 --shard 1GB   # ~0.94B (issue 3)
+    .venv/bin/python bench/stream_memory.py --hidden 2048 --layers 16 --inter 5504 --shard 1GB   # ~0.94B
     MERGEKIT_YAML=/path/to/mergekit-yaml .venv/bin/python bench/stream_memory.py --mergekit
 
 Checkpoints are written tensor by tensor with random values (no model is ever built in memory). Each step
