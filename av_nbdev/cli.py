@@ -158,7 +158,7 @@ def add_demo(sub):
     p = sub.add_parser("demo", help="run the main job: data → base → vectors → sweeps, search, report",
         description="Train the tiny base and one expert-preferring DPO model per domain, extract their alignment "
                     "vectors, then measure: λ sweeps per domain, cross-domain leakage (and anchored vectors that avoid it, with --anchored), the "
-                    "27-target multidomain search (the paper's grid and a cheaper surrogate), prompting vs vector cost, "
+                    "27-target multidomain search (the paper's grid and a cheaper surrogate), the baselines table (prompting, DeRa, steering, soups, ExPO), "
                     "retraining vs vector time, and transfer to the pretrain-only checkpoint. Writes report.md, "
                     "report.json, PNGs, checkpoints and vector files into --out. Finished stages are reused.")
     p.add_argument("--out", default="runs/demo", help="report folder (created; refused if it holds anything else)")
