@@ -1007,12 +1007,17 @@ def _check_level(records:list, domain:str, level:str):
 def dpo_pairs(records:list, # Records in the schema
               domain:str, # Only this domain's queries
               level:str, # The preferred (chosen) level
+              rejected:tuple|None=None, # The levels it is preferred to, in this order; default every other level
              )->list[dict]: # {"query","chosen","rejected","domain","chosen_level","rejected_level"}
-    "Preference pairs: the chosen level's response against each other level's, for every query of `domain`."
+    "Preference pairs: the chosen level's response against each rejected level's, for every query of `domain`."
     _check_level(records, domain, level)
+    for other in rejected or ():
+        _check_level(records, domain, other)
+        if other == level: raise AVError(f"level {level!r} cannot be preferred to itself")
     return [{"query": r["query"], "chosen": r["responses"][level], "rejected": r["responses"][other],
              "domain": domain, "chosen_level": level, "rejected_level": other}
-            for r in records if r["domain"] == domain for other in r["responses"] if other != level]
+            for r in records if r["domain"] == domain
+            for other in (rejected or [o for o in r["responses"] if o != level])]
 
 # %% ../nbs/00_data.ipynb #cb58ab5d
 def level_instruction_text(level:str)->str:

@@ -22,10 +22,10 @@ from .scoring import preference_table, table_levels, generate_answers, answer_pr
 
 # %% auto #0
 __all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'knob_domains', 'lambda_sweep',
-           'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality', 'dial_levels', 'is_dial', 'mean_level',
-           'mean_level_leakage', 'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage',
-           'targets_for', 'target_score', 'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search',
-           'retrain_target']
+           'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality', 'dial_levels', 'is_dial', 'dial_schedule',
+           'mean_level', 'mean_level_leakage', 'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio',
+           'plot_leakage', 'targets_for', 'target_score', 'grid_search', 'probe_curves', 'surrogate_shares',
+           'surrogate_search', 'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -177,6 +177,23 @@ def is_dial(levels_seen:list, # From `dial_levels`
     "Whether the pluralities pass through every level in order, each for at least `min_run` consecutive positions."
     runs = [(l, len(list(g))) for l, g in itertools.groupby(levels_seen)]
     return [l for l, _ in runs] == list(levels) and all(n >= min_run for _, n in runs)
+
+def dial_schedule(knots:list, # [(s, {knob: λ}), ...], s strictly increasing; a knob missing from a knot is 0 there
+                  monotone:bool=True, # Refuse knots that move a knob both ways (a hand-off between vectors is no dial)
+                 ): # s -> {knob: λ}
+    "A dial: one scalar mapped piecewise-linearly (extended linearly past the ends) to the λs of a domain's knobs."
+    ss = [float(s) for s, _ in knots]
+    if len(ss) < 2 or any(b <= a for a, b in zip(ss, ss[1:])): raise AVError(f"dial knots at s={ss}: need ≥ 2, strictly increasing")
+    names = list(dict.fromkeys(k for _, lam in knots for k in lam))
+    lam = np.array([[float(l.get(k, 0.0)) for k in names] for _, l in knots])
+    steps = np.diff(lam, axis=0)
+    for j, k in enumerate(names):
+        if monotone and (steps[:, j] > 0).any() and (steps[:, j] < 0).any(): raise AVError(f"dial knots: knob {k!r} goes up and down ({lam[:, j].tolist()})")
+    def at(s:float)->dict:
+        i = int(np.clip(np.searchsorted(ss, s, side="right") - 1, 0, len(ss) - 2))
+        w = (s - ss[i]) / (ss[i + 1] - ss[i])
+        return {k: float((1 - w) * lam[i, j] + w * lam[i + 1, j]) for j, k in enumerate(names)}
+    return at
 
 def mean_level(shares:pd.DataFrame, # domains × levels (`share_matrix`), levels low to high
               )->pd.Series: # per domain: Σ share · rank

@@ -27,6 +27,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from av_nbdev.data import dpo_pairs
+from av_nbdev.sweep import dial_schedule
+
 LEVELS = ("avoidance", "generic", "expert")
 DOMAINS = ("medical", "legal", "financial")
 STEP = 0.25
@@ -116,10 +119,8 @@ def retain_model(out:Path, name:str, base_dir:Path, pairs:list, retain:list, cfg
 
 
 def level_pairs(records:list, domain:str, chosen:str, rejected:tuple, weight:int=1)->list:
-    "Pairs chosen ≻ each of `rejected` for every query of `domain`, each repeated `weight` times (a weight per kind)."
-    return [{"query": r["query"], "chosen": r["responses"][chosen], "rejected": r["responses"][o], "domain": domain,
-             "chosen_level": chosen, "rejected_level": o}
-            for r in records if r["domain"] == domain for o in rejected for _ in range(weight)]
+    "`data.dpo_pairs` narrowed to `rejected`, each pair repeated `weight` times (a weight per kind of pair)."
+    return [p for p in dpo_pairs(records, domain, chosen, tuple(rejected)) for _ in range(weight)]
 
 
 def anchor_pairs(records:list, domain:str, level:str, base, tok, share:float, n_domain_pairs:int, seed:int=0)->list:
@@ -152,15 +153,7 @@ def orthogonalised(vectors:dict, domain_of:dict)->dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- the dial
-def schedule(knots:list):
-    "A dial: s → {knob: λ}, piecewise-linear through `knots` [(s, {knob: λ}), ...], constant slope past the last two."
-    ss = [s for s, _ in knots]
-    names = sorted({k for _, lam in knots for k in lam})
-    def at(s:float)->dict:
-        i = int(np.clip(np.searchsorted(ss, s) - 1, 0, len(ss) - 2))
-        w = (s - ss[i]) / (ss[i + 1] - ss[i])
-        return {k: round((1 - w) * knots[i][1].get(k, 0.0) + w * knots[i + 1][1].get(k, 0.0), 6) for k in names}
-    return at
+schedule = dial_schedule  # a dial: s → {knob: λ}, piecewise-linear through its knots
 
 
 def monotone(sched, grid)->bool:
@@ -433,7 +426,7 @@ def build_candidate(name:str, ctx:dict)->dict:
                 knots = [(0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: 0.0, E: e}), (3.0, {G: 0.0, E: 2 * e})]
             else:  # cumulative: generic up to g and held, then expert added (every λ monotone)
                 knots = [(-1.0, {G: -g, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: g, E: e}), (3.0, {G: g, E: 2 * e})]
-            scheds[d] = schedule(knots)
+            scheds[d] = schedule(knots, monotone="handoff" not in parts)
         grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
     else: raise SystemExit(f"unknown candidate {name!r}")
     return {"vectors": vectors, "domain_of": domain_of, "scheds": scheds, "grid": grid, "models": models,
