@@ -153,9 +153,6 @@ def orthogonalised(vectors:dict, domain_of:dict)->dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- the dial
-schedule = dial_schedule  # a dial: s → {knob: λ}, piecewise-linear through its knots
-
-
 def monotone(sched, grid)->bool:
     "Does every λ of the schedule move one way only along the grid?"
     lams = pd.DataFrame([sched(s) for s in grid])
@@ -396,7 +393,7 @@ def build_candidate(name:str, ctx:dict)->dict:
     if name in ("plain", "plain_orth"):
         for d in DOMAINS: vec(d, d, "expert", plain_stats(d))
         if name == "plain_orth": vectors = orthogonalised(vectors, domain_of)
-        scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
+        scheds = {d: dial_schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01 if name == "plain" else 6.01, STEP), 2)
     elif name.startswith("ordinal"):
         parts = name.split("_")
@@ -410,7 +407,7 @@ def build_candidate(name:str, ctx:dict)->dict:
                 pairs = pairs + [p for lvl in ("generic", "expert")
                                  for p in anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], share, n, seed=LEVELS.index(lvl))]
             vec(d, d, "expert", dpo_model(out, f"{d}-{name}", base_dir, pairs, cfg))
-        scheds = {d: schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
+        scheds = {d: dial_schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01, STEP), 2)
     elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
         parts = name.split("_")
@@ -426,7 +423,7 @@ def build_candidate(name:str, ctx:dict)->dict:
                 knots = [(0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: 0.0, E: e}), (3.0, {G: 0.0, E: 2 * e})]
             else:  # cumulative: generic up to g and held, then expert added (every λ monotone)
                 knots = [(-1.0, {G: -g, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: g, E: e}), (3.0, {G: g, E: 2 * e})]
-            scheds[d] = schedule(knots, monotone="handoff" not in parts)
+            scheds[d] = dial_schedule(knots, monotone="handoff" not in parts)
         grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
     else: raise SystemExit(f"unknown candidate {name!r}")
     return {"vectors": vectors, "domain_of": domain_of, "scheds": scheds, "grid": grid, "models": models,
