@@ -25,15 +25,16 @@ from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy
 from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
-                           save_figure, dial_settings, plurality, share_matrix, evaluate, target_score)
+                           save_figure, dial_settings, plurality, share_matrix, evaluate, target_score,
+                           sweep_levels, dial_levels, is_dial, mean_level, mean_level_leakage)
 from .baselines import compare_baselines
 
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file',
-           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage',
-           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
-           'baselines_stage', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
-           'readme_section', 'update_readme']
+           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'dial_check',
+           'dial_leakage_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
+           'report_path', 'baselines_stage', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
+           'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -155,6 +156,33 @@ def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve
     (best, n), secs = _timed(lambda: (grid_search if search == "grid" else surrogate_search)(knobs, tok, sample, **kw))
     return {"best": _records(best), "evaluations": n, "seconds": secs, "reached": int(best.reached.sum()),
             "mean_accuracy_reached": float(best[best.reached].accuracy.mean()) if best.reached.any() else 0.0}
+
+def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
+              )->dict: # knob -> {"domain", "lams", "levels" (strict plurality at each λ, None on a tie), "is_dial"}
+    "Along each knob's swept λs, the level its own domain's queries prefer, and whether that sequence is a dial (`is_dial`)."
+    own = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == "preference")]
+    levels, out = sweep_levels(sweep), {}
+    for k, g in own.groupby("knob", sort=False):
+        shares = g.pivot_table(index="lam", columns="level", values="share").reindex(columns=levels, fill_value=0.0)
+        seen = dial_levels(shares)
+        out[k] = {"domain": g.knob_domain.iloc[0], "lams": [float(x) for x in shares.index], "levels": seen,
+                  "is_dial": is_dial(seen, tuple(levels))}
+    return out
+
+def dial_leakage_stage(base:Path, vectors:dict, sample:list, # As for `sweep_stage`
+                       dial:dict, # From `sweep.dial_settings`: domain -> level -> {knob: λ} or None
+                      )->dict: # domain -> {"setting", "shift" (mean level, per evaluated domain), "ratio"}, None without an expert setting
+    "The leakage ratio on the mean level (`mean_level_leakage`), from every knob at 0 to each domain's highest-level setting."
+    knobs, tok = _knobs(base, vectors)
+    zero = {k: 0.0 for k in knobs.lambdas}
+    before, out = share_matrix(evaluate(knobs, tok, sample, **zero)), {}
+    for d, by_level in dial.items():
+        lam = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
+        if lam is None: out[d] = None; continue
+        after = share_matrix(evaluate(knobs, tok, sample, **(zero | lam)))
+        out[d] = {"setting": lam, "shift": (mean_level(after) - mean_level(before)).to_dict(),
+                  "ratio": mean_level_leakage(before, after, d)}
+    return out
 
 # %% ../nbs/10_demo.ipynb #b3b82a57
 def retrain_targets(cfg:DemoConfig)->list:
@@ -286,11 +314,11 @@ def run_demo(out:str|Path="runs/demo", # Report folder
         vector_stage(out, real, "bfloat16")
     base, md_kind = shared["base"], "anchored" if cfg.anchored else "plain"
     vec = lambda kind: {d: vector_file(out, kind, d) for d in DOMAINS}
+    names = lambda r, ks: sorted({base.name, *(ckpt.name for kind in trained_in(r, ks).values() for ckpt in kind.values())})
     def stage(fn:str, ks:tuple, args:tuple, *extra):
         "A job that runs after the DPO models of kinds `ks`, keyed by the checkpoints it reads (their names carry their settings)."
-        names = lambda r: sorted({base.name, *(ckpt.name for kind in trained_in(r, ks).values() for ckpt in kind.values())})
         return tuple(n for n in jobs if n.startswith("dpo-") and n.split("-")[1] in ks), \
-               lambda r: (stage_key(asdict(cfg), data_key, names(r), *extra), fn, args)
+               lambda r: (stage_key(asdict(cfg), data_key, names(r, ks), *extra), fn, args)
     sample = sample_records(data["test"], cfg.per_domain, cfg.seed)
     c = asdict(cfg)  # settings travel to the stage processes as a dict
     jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
@@ -302,6 +330,9 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     jobs |= {"surrogate": stage("search_stage", (md_kind,), ("surrogate", base, vec(md_kind), sample, c), md_kind),
              "sweep": stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))}
+    dial_of = lambda r: dial_settings(_df(r["sweep"]))  # the sweep's settings per domain and level
+    jobs["dial_leakage"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_leakage", dial_of(r)),
+                                                   "dial_leakage_stage", (base, vec("plain"), sample, dial_of(r))))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -340,7 +371,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                         "vectors": {f"{k}/{d}": report_path(f, out) for (k, d), f in files.items()}}}
     report |= {"knobs": {d: {"vector": report_path(files[("plain", d)], out), "domain": d, "level": "expert"} for d in DOMAINS},
                "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
-               "dial": dial_settings(sweep)}
+               "dial": dial_settings(sweep), "dial_check": dial_check(sweep), "leakage_mean_level": res["dial_leakage"]}
     report["multidomain"]["best"] = [{"target": {d: r[f"target_{d}"] for d in DOMAINS}, "lambdas": {d: r[f"lam_{d}"] for d in DOMAINS},
                                       "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in surr["best"]]
     report["multidomain"]["best_from"] = "surrogate"
@@ -383,6 +414,12 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
     for name, m in leaks.items():
         md += [f"**{name}**", "", md_table(m.reset_index(names="vector")), "", "ratio: " +
                ", ".join(f"{k} {v:.2f}" for k, v in leakage_ratio(m).items()), ""]
+    lm = {d: v for d, v in (report.get("leakage_mean_level") or {}).items() if v}
+    if lm:
+        md += ["**On the mean level** (avoidance 0, generic 1, expert 2; from every knob at 0 to the domain's expert setting of "
+               "the dial table below): ratio = in-domain shift / largest off-domain shift (goal ≥ 3).", "",
+               md_table(pd.DataFrame([{"domain": d, "setting": json.dumps(v["setting"]), **{f"shift {k}": s for k, s in v["shift"].items()},
+                                       "ratio": v["ratio"]} for d, v in lm.items()])), ""]
     md += ["![leakage](leakage.png)", "", f"## Multidomain: 27 target combinations ({report['multidomain']['vectors']} vectors)", "",
            md_table(pd.DataFrame([{"search": n, **{k: v for k, v in s.items() if k != "best"}}
                                   for n, s in (("grid (paper)", grid), ("surrogate (probe, solve, verify)", surr))])), "",
@@ -393,7 +430,11 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
            "## Transfer across training stages", "",
            md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
            "## The dial: the swept λ at which each level is the strict plurality in its own domain", "",
-           md_table(pd.DataFrame([{"domain": d, **{l: (None if s is None else s[d]) for l, s in lv.items()}} for d, lv in report["dial"].items()])), ""]
+           md_table(pd.DataFrame([{"domain": d, **{l: (None if s is None else s[d]) for l, s in lv.items()}} for d, lv in report["dial"].items()])), "",
+           "Along the swept λ, the strict plurality of each knob's own queries (– on a tie), and whether it passes through every "
+           "level in order, each for ≥ 2 consecutive grid points (a dial):", "",
+           md_table(pd.DataFrame([{"knob": k, "a dial": v["is_dial"], **{f"λ={l:g}": s or "–" for l, s in zip(v["lams"], v["levels"])}}
+                                  for k, v in report["dial_check"].items()])), ""]
     if report.get("handwritten"):
         h = report["handwritten"]
         md += ["## Hand-written queries (never trained or tuned on)", "",
@@ -420,6 +461,9 @@ def summary_text(report:dict, out:Path)->str:
               for r in report["spectrum"]]
     lines += [f"  leakage ratio ({n}): " + ", ".join(f"{k} {_num(v)}" for k, v in l["ratio"].items())
               for n, l in report["leakage"].items()]
+    lm = report.get("leakage_mean_level") or {}
+    if lm: lines += ["  leakage ratio (mean level, 0 → expert setting): " + ", ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in lm.items())]
+    lines += ["  a dial (avoidance → generic → expert along λ): " + ", ".join(f"{k} {'yes' if v['is_dial'] else 'no'}" for k, v in report["dial_check"].items())]
     lines += [f"  multidomain ({md['vectors']} vectors): grid {md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; "
               f"surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
     if report["model"] == "tiny" and "anchored, λ=1" not in report["leakage"]:
@@ -452,6 +496,10 @@ def results_table(report:dict, # A `report.json` of `av demo`
             ("expert share, judged greedy answers", jshare),
             ("levels reached by each domain's dial (strict plurality on its own queries)", reached or "–"),
             ("leakage ratio (in-domain expert-share shift / largest off-domain shift)", leak),
+            ("leakage ratio on the mean level (avoidance 0, generic 1, expert 2), λ=0 → each domain's expert setting",
+             "; ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in report.get("leakage_mean_level", {}).items()) or "–"),
+            ("a dial: avoidance → generic → expert along the swept λ, each ≥ 2 grid points",
+             "; ".join(f"{k} {'yes' if v['is_dial'] else 'no'}" for k, v in report.get("dial_check", {}).items()) or "–"),
             (f"multidomain, {len(md_['targets_grid'])} targets ({md_['vectors']} vectors)",
              f"paper's grid {md_['grid']['reached']} in {md_['grid']['evaluations']} evaluations; "
              f"probe–solve–verify search {md_['surrogate']['reached']} in {md_['surrogate']['evaluations']}")]
