@@ -33,8 +33,8 @@ from .baselines import compare_baselines
 __all__ = ['REAL_DEMO', 'MARKER', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file',
            'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'dial_check',
            'dial_leakage_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
-           'report_path', 'baselines_stage', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
-           'results_table', 'readme_section', 'update_readme']
+           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
+           'summary_text', 'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -257,12 +257,19 @@ def baselines_stage(paths:dict, # The base and one plain DPO model per domain
     cfg = _config(cfg)
     return compare_baselines({k: Path(v) for k, v in paths.items()}, per_domain=cfg.baseline_per_domain, seed=cfg.seed)
 
+def target_settings(search:dict, # From `search_stage`
+                   )->list: # One row per target: target, lambdas, reached, accuracy
+    "A multidomain search's best setting per target, as `report.json` lists it."
+    return [{"target": {d: r[f"target_{d}"] for d in DOMAINS}, "lambdas": {d: r[f"lam_{d}"] for d in DOMAINS},
+             "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in search["best"]]
+
 HANDWRITTEN = "handwritten.jsonl"  # hand-written held-out queries beside the dataset (never trained or tuned on)
 
 def handwritten_check(base:Path, # Checkpoint the knobs act on
                       vectors:dict, # knob -> vector file
                       dial:dict, # From `sweep.dial_settings`
-                      best:list, # `multidomain.best` rows
+                      best:list, # `multidomain.best` rows (`target_settings`)
+                      target_vectors:dict|None=None, # knob -> vector file the targets' λs apply to; default `vectors`
                      )->dict|None: # levels each dial reaches, and targets reached, on the hand-written queries
     "The settings chosen on the generated queries, measured once more on hand-written ones (None without the file)."
     f = default_data_dir()/HANDWRITTEN
@@ -274,6 +281,7 @@ def handwritten_check(base:Path, # Checkpoint the knobs act on
         got = [lvl for lvl, lam in by_level.items()
                if lam is not None and plurality(share_matrix(evaluate(knobs, tok, recs, **lam)).loc[dom]) == lvl]
         levels[dom] = got
+    if target_vectors is not None and target_vectors != vectors: knobs, tok = _knobs(base, target_vectors)
     tried = [r for r in best if r["reached"]]  # the targets reached on the generated queries
     reached = [r["target"] for r in tried if target_score(share_matrix(evaluate(knobs, tok, recs, **r["lambdas"])), r["target"])[0]]
     return {"records": len(recs), "dial_levels_reached": levels, "targets_tried": len(tried), "targets_reached": reached}
@@ -323,16 +331,22 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     c = asdict(cfg)  # settings travel to the stage processes as a dict
     jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
     targets = retrain_targets(cfg)
-    jobs["grid"] = stage("search_stage", (md_kind,), ("grid", base, vec(md_kind), sample, c), md_kind)  # longest first
+    # listed in the order they start once ready: the sweep leads the chain of stages that read its settings
+    jobs["sweep"] = stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))
+    jobs |= {search: stage("search_stage", (md_kind,), (search, base, vec(md_kind), sample, c), md_kind) for search in ("grid", "surrogate")}
     if model is None and cfg.baseline_per_domain:
         jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
                              lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
-    jobs |= {"surrogate": stage("search_stage", (md_kind,), ("surrogate", base, vec(md_kind), sample, c), md_kind),
-             "sweep": stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))}
     dial_of = lambda r: dial_settings(_df(r["sweep"]))  # the sweep's settings per domain and level
     jobs["dial_leakage"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_leakage", dial_of(r)),
                                                    "dial_leakage_stage", (base, vec("plain"), sample, dial_of(r))))
+    hand = default_data_dir()/HANDWRITTEN
+    hand_key = records_hash(load_records(hand)) if hand.exists() else None
+    jobs["handwritten"] = (("sweep", "surrogate"),
+                           lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
+                                                dial_of(r), target_settings(r["surrogate"])),
+                                      "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]), vec(md_kind))))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -372,11 +386,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     report |= {"knobs": {d: {"vector": report_path(files[("plain", d)], out), "domain": d, "level": "expert"} for d in DOMAINS},
                "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
                "dial": dial_settings(sweep), "dial_check": dial_check(sweep), "leakage_mean_level": res["dial_leakage"]}
-    report["multidomain"]["best"] = [{"target": {d: r[f"target_{d}"] for d in DOMAINS}, "lambdas": {d: r[f"lam_{d}"] for d in DOMAINS},
-                                      "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in surr["best"]]
+    report["multidomain"]["best"] = target_settings(surr)
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
-    report["handwritten"] = handwritten_check(base, vec("plain"), report["dial"], report["multidomain"]["best"])
+    report["handwritten"] = res["handwritten"]
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))

@@ -19,8 +19,9 @@ from .scoring import (prompt_text, response_logprobs, preference_table, table_le
                               generate_answers)
 
 # %% auto #0
-__all__ = ['JUDGE_LABELS', 'CLASSIFY_PROMPT', 'preference_shares', 'preference_accuracy', 'Judge', 'TfidfJudge', 'judge_accuracy',
-           'ModelJudge', 'level_instruction', 'prompting_baseline', 'cost_summary']
+__all__ = ['JUDGE_LABELS', 'CLASSIFY_PROMPT', 'preference_shares', 'preference_accuracy', 'Judge', 'word_ngrams', 'TfidfFeatures',
+           'fit_logistic', 'TfidfJudge', 'judge_accuracy', 'ModelJudge', 'level_instruction', 'prompting_baseline',
+           'cost_summary']
 
 # %% ../nbs/06_judge.ipynb #1fd2fc47
 def preference_shares(table:pd.DataFrame, # From `preference_table`
@@ -47,6 +48,59 @@ class Judge:
     "Interface: `judge([(query, answer), ...]) -> [label, ...]`, each label in `JUDGE_LABELS`."
     def __call__(self, pairs:list)->list[str]: raise NotImplementedError
 
+# %% ../nbs/06_judge.ipynb #f04db1a1
+_WORD = re.compile(r"(?u)\b\w\w+\b")  # words of two or more letters or digits
+
+def word_ngrams(text:str, # Any text
+                ngram_max:int=1, # Word n-grams from 1 to this
+               )->list[str]: # Lower-cased words, then bigrams, ... in reading order
+    "The terms TF-IDF counts in `text`."
+    words = _WORD.findall(text.lower())
+    return [" ".join(words[i:i + n]) for n in range(1, ngram_max + 1) for i in range(len(words) - n + 1)]
+
+class TfidfFeatures:
+    "Sublinear, smoothed TF-IDF over the terms of ≥ `min_df` training texts; each row of unit length (zero without known terms)."
+    def __init__(self, texts:list, # Training texts: they fix the vocabulary and the idf
+                 ngram_max:int=1, # Word n-grams from 1 to this
+                 min_df:int=2, # Keep terms found in at least this many training texts
+                ):
+        self.ngram_max = ngram_max
+        df = collections.Counter(t for text in texts for t in set(word_ngrams(text, ngram_max)))
+        self.vocab = {t: j for j, t in enumerate(sorted(t for t, c in df.items() if c >= min_df))}
+        n_with = torch.tensor([df[t] for t in self.vocab], dtype=torch.float64)
+        self.idf = torch.log((1 + len(texts)) / (1 + n_with)) + 1
+
+    def __call__(self, texts:list)->torch.Tensor: # Sparse (texts × vocabulary), float64
+        rows, cols = [], []
+        for r, text in enumerate(texts):
+            for t in word_ngrams(text, self.ngram_max):
+                if t in self.vocab: rows.append(r); cols.append(self.vocab[t])
+        shape = (len(texts), len(self.vocab))
+        counts = torch.sparse_coo_tensor(torch.tensor([rows, cols], dtype=torch.long).reshape(2, -1),
+                                         torch.ones(len(rows), dtype=torch.float64), shape, check_invariants=True).coalesce()  # sums repeats
+        r, c = counts.indices()
+        w = (1 + counts.values().log()) * self.idf[c]
+        norm = torch.zeros(shape[0], dtype=torch.float64).index_add_(0, r, w * w).sqrt()
+        return torch.sparse_coo_tensor(counts.indices(), w / norm[r], shape, check_invariants=True).coalesce()
+
+def fit_logistic(x:torch.Tensor, # Features (n × d), dense or sparse
+                 y:torch.Tensor, # Class index per row
+                 n_classes:int,
+                 C:float=1.0, # Inverse regularisation: larger fits the data more closely
+                )->torch.Tensor: # Weights (n_classes × d); probabilities are softmax(x @ W.T)
+    "Multinomial logistic regression without intercept: the unique minimum of ½‖W‖² + C·Σ cross-entropy (L-BFGS, float64)."
+    x = x.double()
+    w = torch.zeros(n_classes, x.shape[1], dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.LBFGS([w], lr=1, max_iter=1000, tolerance_grad=1e-9, tolerance_change=0, history_size=20,
+                            line_search_fn="strong_wolfe")
+    def objective():
+        opt.zero_grad()
+        loss = C * torch.nn.functional.cross_entropy(x @ w.T, y, reduction="sum") + (w * w).sum() / 2
+        loss.backward()
+        return loss
+    opt.step(objective)
+    return w.detach()
+
 # %% ../nbs/06_judge.ipynb #5d51e4fd
 class TfidfJudge(Judge):
     "TF-IDF + logistic regression over the three levels, trained on the train split's responses, plus malformed rules."
@@ -57,22 +111,19 @@ class TfidfJudge(Judge):
                  C:float=10.0, # Inverse regularisation of the logistic regression
                  ngram_max:int=1, # Word n-grams from 1 to this
                 ):
-        from sklearn.feature_extraction.text import TfidfVectorizer
-        from sklearn.linear_model import LogisticRegression
-        from sklearn.pipeline import make_pipeline
         records = load_splits()["train"] if records is None else records
         self.settings = dict(min_words=min_words, max_word_share=max_word_share, max_repeat=max_repeat,
                              min_confidence=min_confidence, C=C, ngram_max=ngram_max)
         texts, labels = _labelled(records)
         self.fingerprint = _fingerprint(texts, labels)
-        self.clf = make_pipeline(TfidfVectorizer(ngram_range=(1, ngram_max), sublinear_tf=True, min_df=2),
-                                 LogisticRegression(C=C, max_iter=2000, fit_intercept=False))
+        self.features = TfidfFeatures(texts, ngram_max)
         # no intercept: a text with no known word scores 1/3 per class, so the confidence rule marks it malformed
-        self.clf.fit(texts, labels)  # lbfgs is deterministic: same records and settings -> same judge
+        self.weights = fit_logistic(self.features(texts), torch.tensor([LEVELS.index(l) for l in labels]), len(LEVELS), C)
 
     def proba(self, answers:list)->pd.DataFrame:
         "Class probabilities per answer (columns: the levels)."
-        return pd.DataFrame(self.clf.predict_proba(list(answers)), columns=list(self.clf.classes_))[list(LEVELS)]
+        p = torch.softmax(self.features(list(answers)) @ self.weights.T, -1)
+        return pd.DataFrame(p.numpy(), columns=list(LEVELS))
 
     def __call__(self, pairs:list)->list[str]:
         answers = [a for _, a in pairs]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import contextlib, html, io, json, threading
 from pathlib import Path
 
-import ipywidgets as W
+try: import ipywidgets as W
+except ModuleNotFoundError as e:  # the notebook extra: the library, the CLI and the demo run without it
+    raise ModuleNotFoundError("av_nbdev.panel needs ipywidgets: pip install 'av_nbdev[notebook]'") from e
 import seaborn as sns
 from fastcore.basics import patch
 from matplotlib.figure import Figure

@@ -133,7 +133,7 @@ def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several k
         usable = own[(wf.isna() | (wf >= min_well_formed)).values]  # unmeasured λs are not ruled out
         best = (usable if len(usable) else own).loc[lambda d: d.share.idxmax()]
         rows.append({"knob": k, "domain": g.knob_domain.iloc[0], "metric": metric, "level": level,
-                     "spearman": float(own.lam.corr(own.share, method="spearman")),
+                     "spearman": float(own.lam.rank().corr(own.share.rank())),  # Spearman: Pearson of average ranks
                      "best_lam": float(best.lam), "share_at_best": float(best.share),
                      "share_at_0": float(own[own.lam == 0].share.iloc[0]) if (own.lam == 0).any() else np.nan,
                      "well_formed_at_best": float(wf.loc[best.lam]) if best.lam in wf.index else np.nan,
