@@ -49,13 +49,13 @@ class Judge:
     def __call__(self, pairs:list)->list[str]: raise NotImplementedError
 
 # %% ../nbs/06_judge.ipynb #f04db1a1
-_WORD = re.compile(r"(?u)\b\w\w+\b")  # words of two or more letters or digits
+_TERM = re.compile(r"(?u)\b\w\w+\b")  # TF-IDF terms: words of two or more letters or digits (the malformed rules count words their own way)
 
 def word_ngrams(text:str, # Any text
                 ngram_max:int=1, # Word n-grams from 1 to this
                )->list[str]: # Lower-cased words, then bigrams, ... in reading order
     "The terms TF-IDF counts in `text`."
-    words = _WORD.findall(text.lower())
+    words = _TERM.findall(text.lower())
     return [" ".join(words[i:i + n]) for n in range(1, ngram_max + 1) for i in range(len(words) - n + 1)]
 
 class TfidfFeatures:
