@@ -21,12 +21,12 @@ from .train import tiny_pipeline, pipeline_metrics
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import preference_shares, level_instruction, TfidfJudge, judge_accuracy
-from .sweep import sample_records, leakage_matrix, leakage_ratio
+from .sweep import sample_records, split_halves, leakage_matrix, leakage_ratio
 
 # %% auto #0
 __all__ = ['mix_logits', 'DeRaModel', 'DeRa', 'tensor_mb', 'kv_mb_per_token', 'decoder_layers', 'response_reads',
-           'steering_vectors', 'steered', 'split_halves', 'BaselineGrids', 'soup_weights', 'expert_shares',
-           'answer_stats', 'choose_setting', 'domain_leakage', 'load_baselines', 'compare_baselines']
+           'steering_vectors', 'steered', 'BaselineGrids', 'soup_weights', 'expert_shares', 'answer_stats',
+           'choose_setting', 'domain_leakage', 'load_baselines', 'compare_baselines']
 
 # %% ../nbs/12_baselines.ipynb #9f0c3710
 class _PairDecoder(nn.Module):
@@ -218,16 +218,6 @@ def steered(model, # The model (changed only inside the block)
     h = decoder_layers(model)[layer].register_forward_hook(add)
     try: yield model
     finally: h.remove()
-
-# %% ../nbs/12_baselines.ipynb #70ede749
-def split_halves(records:list, # Held-out records, e.g. from `sweep.sample_records`
-                )->tuple[list, list]: # (tuning half, report half), each in domain order
-    "Per domain, the first half of its records for choosing settings, the rest for reporting them."
-    tune, report = [], []
-    for d in dict.fromkeys(r["domain"] for r in records):
-        rs = [r for r in records if r["domain"] == d]
-        tune += rs[:(len(rs) + 1) // 2]; report += rs[(len(rs) + 1) // 2:]
-    return tune, report
 
 # %% ../nbs/12_baselines.ipynb #80e5c144
 @dataclass

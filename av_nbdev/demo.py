@@ -23,7 +23,7 @@ from .stages import records_hash, run_jobs, stage_key, cached_stage
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy
-from .sweep import (GRID, TARGETS, sample_records, lambda_sweep, spectrum_summary, plot_spectrum,
+from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
                            save_figure, dial_settings, plurality, share_matrix, evaluate, target_score,
                            sweep_levels, dial_levels, is_dial, mean_level, mean_level_leakage)
@@ -32,7 +32,7 @@ from .baselines import compare_baselines
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file',
            'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'dial_check',
-           'dial_leakage_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
+           'dial_report_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
            'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
            'summary_text', 'results_table', 'readme_section', 'update_readme']
 
@@ -137,6 +137,7 @@ def sweep_stage(base:Path, # Checkpoint the knobs act on
                 judged:bool=True, # Also judged greedy answers (`cfg.n_generate` per domain and λ)
                 grid:tuple|None=None, # λ values; default `cfg.grid`
                 transfer:bool=False, # `base` is another checkpoint than the vectors' base
+                parts:dict|None=None, # {name: record ids}: also each part's shares (`lambda_sweep`'s `parts`)
                )->list: # `lambda_sweep` rows of every knob
     "Every knob over the λ grid on its domain's sampled queries, and on all domains' where leakage is read."
     cfg = _config(cfg)
@@ -144,45 +145,77 @@ def sweep_stage(base:Path, # Checkpoint the knobs act on
     judge = TfidfJudge(load_splits()["train"]) if judged else None
     cross = () if transfer else (0.0, *cfg.leak_lams)  # transfer reports each vector on its own domain only
     return _records(pd.concat([lambda_sweep(knobs, tok, sample, k, grid=grid or cfg.grid, judge=judge, cross_lams=cross,
-                                            n_generate=cfg.n_generate if judged else 0) for k in vectors], ignore_index=True))
+                                            n_generate=cfg.n_generate if judged else 0, parts=parts) for k in vectors], ignore_index=True))
 
 def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve, verify)
-                 base:Path, vectors:dict, sample:list, cfg:DemoConfig, # As for `sweep_stage`
-                )->dict: # best per target, evaluations, seconds, reached, mean accuracy of the reached
-    "One multidomain search over the 27 targets, timed."
+                 base:Path, vectors:dict, # As for `sweep_stage`
+                 tune:list, # Held-out records the search evaluates (the tuning half)
+                 report:list, # Held-out records each target's chosen setting is measured on (the reporting half)
+                 cfg:DemoConfig,
+                )->dict: # best per target (measured on `report`), evaluations, seconds, reached (pooled, seen, unseen, tuning)
+    "One multidomain search over the 27 targets on the tuning half, its choices measured on the reporting half, timed."
     cfg = _config(cfg)
     knobs, tok = _knobs(base, vectors)
     kw = dict(grid=cfg.md_grid) if search == "grid" else dict(probes=cfg.probes, verify=cfg.verify)
-    (best, n), secs = _timed(lambda: (grid_search if search == "grid" else surrogate_search)(knobs, tok, sample, **kw))
-    return {"best": _records(best), "evaluations": n, "seconds": secs, "reached": int(best.reached.sum()),
+    def run():
+        best, n = (grid_search if search == "grid" else surrogate_search)(knobs, tok, tune, **kw)
+        return n, *measure_targets(knobs, tok, best, report)
+    (n, best, n_report), secs = _timed(run)
+    count = lambda col: int(best[col].fillna(False).astype(bool).sum())
+    return {"best": _records(best), "evaluations": n, "report_evaluations": n_report, "seconds": secs,
+            "reached": count("reached"), "tune_reached": count("tune_reached"),
+            "reached_seen": count("reached_seen"), "reached_unseen": count("reached_unseen"),
             "mean_accuracy_reached": float(best[best.reached].accuracy.mean()) if best.reached.any() else 0.0}
 
-def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
-              )->dict: # knob -> {"domain", "lams", "levels" (strict plurality at each λ, None on a tie), "is_dial"}
-    "Along each knob's swept λs, the level its own domain's queries prefer, and whether that sequence is a dial (`is_dial`)."
-    own = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == "preference")]
-    levels, out = sweep_levels(sweep), {}
+def _dial_levels_of(sweep:pd.DataFrame)->dict:
+    "knob -> (its domain, the swept λs, the strict plurality of its own domain's queries at each)."
+    own, levels, out = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == "preference")], sweep_levels(sweep), {}
     for k, g in own.groupby("knob", sort=False):
         shares = g.pivot_table(index="lam", columns="level", values="share").reindex(columns=levels, fill_value=0.0)
-        seen = dial_levels(shares)
-        out[k] = {"domain": g.knob_domain.iloc[0], "lams": [float(x) for x in shares.index], "levels": seen,
-                  "is_dial": is_dial(seen, tuple(levels))}
+        out[k] = (g.knob_domain.iloc[0], [float(x) for x in shares.index], dial_levels(shares))
     return out
 
-def dial_leakage_stage(base:Path, vectors:dict, sample:list, # As for `sweep_stage`
-                       dial:dict, # From `sweep.dial_settings`: domain -> level -> {knob: λ} or None
-                      )->dict: # domain -> {"setting", "shift" (mean level, per evaluated domain), "ratio"}, None without an expert setting
-    "The leakage ratio on the mean level (`mean_level_leakage`), from every knob at 0 to each domain's highest-level setting."
-    knobs, tok = _knobs(base, vectors)
-    zero = {k: 0.0 for k in knobs.lambdas}
-    before, out = share_matrix(evaluate(knobs, tok, sample, **zero)), {}
-    for d, by_level in dial.items():
-        lam = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
-        if lam is None: out[d] = None; continue
-        after = share_matrix(evaluate(knobs, tok, sample, **(zero | lam)))
-        out[d] = {"setting": lam, "shift": (mean_level(after) - mean_level(before)).to_dict(),
-                  "ratio": mean_level_leakage(before, after, d)}
+def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated): the records reported on
+               tuned:pd.DataFrame|None=None, # Optionally the same sweep on the tuning half (`levels_tune`, `is_dial_tune`)
+              )->dict: # knob -> {"domain", "lams", "levels" (strict plurality at each λ, None on a tie), "is_dial"[, ...]}
+    "Along each knob's swept λs, the level its own domain's queries prefer, and whether that sequence is a dial (`is_dial`)."
+    levels, out = tuple(sweep_levels(sweep)), {}
+    for k, (d, lams, seen) in _dial_levels_of(sweep).items():
+        out[k] = {"domain": d, "lams": lams, "levels": seen, "is_dial": is_dial(seen, levels)}
+    for k, (_, _, seen) in (_dial_levels_of(tuned) if tuned is not None else {}).items():
+        out[k] |= {"levels_tune": seen, "is_dial_tune": is_dial(seen, levels)}
     return out
+
+def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
+                      records:list, # Held-out records nobody tuned on (the reporting half)
+                      dial:dict, # From `sweep.dial_settings` on the tuning half: domain -> level -> {knob: λ} or None
+                     )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
+    """The dial measured on `records` at the settings chosen elsewhere: whether each level is the strict plurality of its
+    domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
+    every knob at 0 to each domain's highest-level setting."""
+    knobs, tok = _knobs(base, vectors)
+    zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
+    def table(lam:dict)->pd.DataFrame:  # one evaluation per distinct setting
+        key = json.dumps(zero | lam, sort_keys=True)
+        if key not in tables: tables[key] = evaluate(knobs, tok, records, **(zero | lam))
+        return tables[key]
+    before, reached, leakage = share_matrix(table({})), {}, {}
+    for d, by_level in dial.items():
+        reached[d] = {}
+        for lvl, lam in by_level.items():
+            if lam is None: reached[d][lvl] = None; continue
+            t = table(lam)
+            own = t[t.domain == d]
+            unseen = own.heldout_topic.astype(bool)
+            hit = lambda g: None if g.empty else plurality(share_matrix(g).loc[d]) == lvl
+            reached[d][lvl] = {"setting": lam, "share": float((own.preferred == lvl).mean()), "reached": hit(own),
+                               "reached_seen": hit(own[~unseen]), "reached_unseen": hit(own[unseen])}
+        top = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
+        if top is None: leakage[d] = None; continue
+        after = share_matrix(table(top))
+        leakage[d] = {"setting": top, "shift": (mean_level(after) - mean_level(before)).to_dict(),
+                      "ratio": mean_level_leakage(before, after, d)}
+    return {"reached": reached, "leakage": leakage}
 
 # %% ../nbs/10_demo.ipynb #b3b82a57
 def retrain_targets(cfg:DemoConfig)->list:
@@ -328,27 +361,30 @@ def run_demo(out:str|Path="runs/demo", # Report folder
         return tuple(n for n in jobs if n.startswith("dpo-") and n.split("-")[1] in ks), \
                lambda r: (stage_key(asdict(cfg), data_key, names(r, ks), *extra), fn, args)
     sample = sample_records(data["test"], cfg.per_domain, cfg.seed)
+    tune, report_half = split_halves(sample, cfg.seed)  # settings are chosen on the first, reported on the second
+    parts = {"tune": [r["id"] for r in tune], "report": [r["id"] for r in report_half]}
     c = asdict(cfg)  # settings travel to the stage processes as a dict
     jacc = judge_accuracy(TfidfJudge(data["train"]), data["test"])
     targets = retrain_targets(cfg)
     # listed in the order they start once ready: the sweep leads the chain of stages that read its settings
-    jobs["sweep"] = stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c))
-    jobs |= {search: stage("search_stage", (md_kind,), (search, base, vec(md_kind), sample, c), md_kind) for search in ("grid", "surrogate")}
+    jobs["sweep"] = stage("sweep_stage", ("plain",), (base, vec("plain"), sample, c, True, None, False, parts), parts)
+    jobs |= {search: stage("search_stage", (md_kind,), (search, base, vec(md_kind), tune, report_half, c), md_kind, parts)
+             for search in ("grid", "surrogate")}
     if model is None and cfg.baseline_per_domain:
         jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
                              lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
-    dial_of = lambda r: dial_settings(_df(r["sweep"]))  # the sweep's settings per domain and level
-    jobs["dial_leakage"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_leakage", dial_of(r)),
-                                                   "dial_leakage_stage", (base, vec("plain"), sample, dial_of(r))))
+    dial_of = lambda r: dial_settings(sweep_part(_df(r["sweep"]), "tune"))  # settings per domain and level, chosen on the tuning half
+    jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", dial_of(r), parts),
+                                                  "dial_report_stage", (base, vec("plain"), report_half, dial_of(r))))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
     jobs["handwritten"] = (("sweep", "surrogate"),
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
                                                 dial_of(r), target_settings(r["surrogate"])),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]), vec(md_kind))))
-    if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c))
-    jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, sample, t, c), t) for i, t in enumerate(targets)}
+    if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
+    jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
         jobs["transfer"] = stage("sweep_stage", ("plain",), (shared["pretrain"], vec("plain"), sample, c, False, cfg.transfer_grid, True))
     res, t_stages = _timed(lambda: run_stages(out/".stages", jobs, workers, progress))
@@ -356,12 +392,13 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     paths = copy_checkpoints(out, trained) if model is None else trained  # a real model stays in the cache (GBs)
     files = {(k, d): vector_file(out, k, d) for k in kinds for d in DOMAINS}
 
-    sweep = _df(res["sweep"])
+    swept = _df(res["sweep"])
+    sweep = sweep_part(swept)  # every sampled record: the spectrum, the expert-share leakage and the plots
     summary = spectrum_summary(sweep).assign(vectors="plain")
     summary = pd.concat([summary, spectrum_summary(sweep, metric="judged").assign(vectors="plain")], ignore_index=True)
     leaks = {f"plain, λ={l:g}": leakage_matrix(sweep, lam=l) for l in cfg.leak_lams}
     if cfg.anchored:
-        anchored = _df(res["anchored"])
+        anchored = sweep_part(_df(res["anchored"]))
         summary = pd.concat([summary, spectrum_summary(anchored).assign(vectors="anchored"),
                              spectrum_summary(anchored, metric="judged").assign(vectors="anchored")], ignore_index=True)
         leaks.update({f"anchored, λ={l:g}": leakage_matrix(anchored, lam=l) for l in cfg.leak_lams})
@@ -371,6 +408,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
 
     report = {"package_version": av_nbdev.__version__, "model": model or "tiny", "config": asdict(cfg),
               "dataset": {s: len(data[s]) for s in ("train", "test")}, "eval_sample": len(sample),
+              "halves": {"tune": len(tune), "report": len(report_half)},
               "workers": workers, "base_seconds": t_base, "stages_seconds": t_stages,
               "dpo_metrics": {k: _records(pipeline_metrics(p)) for k, p in trained.items()},
               "judge_accuracy": jacc["accuracy"],
@@ -385,7 +423,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                         "vectors": {f"{k}/{d}": report_path(f, out) for (k, d), f in files.items()}}}
     report |= {"knobs": {d: {"vector": report_path(files[("plain", d)], out), "domain": d, "level": "expert"} for d in DOMAINS},
                "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
-               "dial": dial_settings(sweep), "dial_check": dial_check(sweep), "leakage_mean_level": res["dial_leakage"]}
+               "dial": dial_of(res), "dial_check": dial_check(sweep_part(swept, "report"), sweep_part(swept, "tune")),
+               "dial_reached": res["dial_report"]["reached"], "leakage_mean_level": res["dial_report"]["leakage"]}
     report["multidomain"]["best"] = target_settings(surr)
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
@@ -433,7 +472,11 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
                "the dial table below): ratio = in-domain shift / largest off-domain shift (goal ≥ 3).", "",
                md_table(pd.DataFrame([{"domain": d, "setting": json.dumps(v["setting"]), **{f"shift {k}": s for k, s in v["shift"].items()},
                                        "ratio": v["ratio"]} for d, v in lm.items()])), ""]
+    halves = report["halves"]
     md += ["![leakage](leakage.png)", "", f"## Multidomain: 27 target combinations ({report['multidomain']['vectors']} vectors)", "",
+           f"Each search evaluates the tuning half ({halves['tune']} queries); each target's chosen setting is then measured on the "
+           f"reporting half ({halves['report']} queries): `reached` counts the targets reached there (by seen and unseen topics "
+           "too), `tune_reached` those the search saw reached.", "",
            md_table(pd.DataFrame([{"search": n, **{k: v for k, v in s.items() if k != "best"}}
                                   for n, s in (("grid (paper)", grid), ("surrogate (probe, solve, verify)", surr))])), "",
            "Targets reached (surrogate search):", "", md_table(_df(surr["best"])), "",
@@ -442,11 +485,15 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
            "Retraining uses the vectors' DPO settings on the mixed-preference pairs of all three domains.", "",
            "## Transfer across training stages", "",
            md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
-           "## The dial: the swept λ at which each level is the strict plurality in its own domain", "",
-           md_table(pd.DataFrame([{"domain": d, **{l: (None if s is None else s[d]) for l, s in lv.items()}} for d, lv in report["dial"].items()])), "",
-           "Along the swept λ, the strict plurality of each knob's own queries (– on a tie), and whether it passes through every "
-           "level in order, each for ≥ 2 consecutive grid points (a dial):", "",
-           md_table(pd.DataFrame([{"knob": k, "a dial": v["is_dial"], **{f"λ={l:g}": s or "–" for l, s in zip(v["lams"], v["levels"])}}
+           "## The dial: per level, the swept setting chosen on the tuning half, measured on the reporting half", "",
+           md_table(pd.DataFrame([{"domain": d, "level": l, "setting": json.dumps(v["setting"]), "share": v["share"], "reached": v["reached"],
+                                   "reached (seen topics)": v["reached_seen"], "reached (unseen topics)": v["reached_unseen"]}
+                                  if v else {"domain": d, "level": l, "setting": "not reached on the tuning half"}
+                                  for d, lv in report["dial_reached"].items() for l, v in lv.items()])), "",
+           "Along the swept λ, the strict plurality of each knob's own queries on the reporting half (– on a tie), and whether "
+           "it passes through every level in order, each for ≥ 2 consecutive grid points (a dial; also on the tuning half):", "",
+           md_table(pd.DataFrame([{"knob": k, "a dial": v["is_dial"], "a dial (tuning half)": v.get("is_dial_tune"),
+                                   **{f"λ={l:g}": s or "–" for l, s in zip(v["lams"], v["levels"])}}
                                   for k, v in report["dial_check"].items()])), ""]
     if report.get("handwritten"):
         h = report["handwritten"]
@@ -476,9 +523,9 @@ def summary_text(report:dict, out:Path)->str:
               for n, l in report["leakage"].items()]
     lm = report.get("leakage_mean_level") or {}
     if lm: lines += ["  leakage ratio (mean level, 0 → expert setting): " + ", ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in lm.items())]
-    lines += ["  a dial (avoidance → generic → expert along λ): " + ", ".join(f"{k} {'yes' if v['is_dial'] else 'no'}" for k, v in report["dial_check"].items())]
-    lines += [f"  multidomain ({md['vectors']} vectors): grid {md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; "
-              f"surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
+    lines += ["  a dial (avoidance → generic → expert along λ, reporting half): " + ", ".join(f"{k} {'yes' if v['is_dial'] else 'no'}" for k, v in report["dial_check"].items())]
+    lines += [f"  multidomain ({md['vectors']} vectors), searched on the tuning half, reached on the reporting half: grid "
+              f"{md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
     if report["model"] == "tiny" and "anchored, λ=1" not in report["leakage"]:
         lines += ["  (plain vectors move the other domains too: `av demo --anchored` adds anchored vectors that do not)"]
     if report["retrain"]:
@@ -501,21 +548,20 @@ def results_table(report:dict, # A `report.json` of `av demo`
     jshare = "; ".join(f"{r['knob']} {_num(r['share_at_0'])} → {_num(r['share_at_best'])} at λ={r['best_lam']:g}" for r in judged)
     leak = "; ".join(f"{n.split(', ')[1]}: " + " / ".join(f"{v:.2f}" for v in l["ratio"].values()) for n, l in report["leakage"].items())
     md_ = report["multidomain"]
-    dial = report.get("dial", {})
-    reached = "; ".join(f"{d} " + ", ".join(l for l, s in lv.items() if s is not None) for d, lv in dial.items())
+    reached = "; ".join(f"{d} " + (", ".join(l for l, v in lv.items() if v and v["reached"]) or "none") for d, lv in report["dial_reached"].items())
     rows = [("DPO held-out reward accuracy (medical / legal / financial)", dpo),
             ("judge (TF-IDF + logistic regression) accuracy on held-out labelled responses", f"{report['judge_accuracy']:.3f}"),
             ("expert share, likelihood, λ=0 → best λ with greedy answers ≥ 0.8 well-formed", share),
             ("expert share, judged greedy answers", jshare),
-            ("levels reached by each domain's dial (strict plurality on its own queries)", reached or "–"),
+            ("levels each domain's dial reaches on the reporting half (strict plurality of its own queries; settings chosen on the tuning half)", reached or "–"),
             ("leakage ratio (in-domain expert-share shift / largest off-domain shift)", leak),
             ("leakage ratio on the mean level (avoidance 0, generic 1, expert 2), λ=0 → each domain's expert setting",
              "; ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in report.get("leakage_mean_level", {}).items()) or "–"),
-            ("a dial: avoidance → generic → expert along the swept λ, each ≥ 2 grid points",
+            ("a dial: avoidance → generic → expert along the swept λ, each ≥ 2 grid points (reporting half)",
              "; ".join(f"{k} {'yes' if v['is_dial'] else 'no'}" for k, v in report.get("dial_check", {}).items()) or "–"),
-            (f"multidomain, {len(md_['targets_grid'])} targets ({md_['vectors']} vectors)",
-             f"paper's grid {md_['grid']['reached']} in {md_['grid']['evaluations']} evaluations; "
-             f"probe–solve–verify search {md_['surrogate']['reached']} in {md_['surrogate']['evaluations']}")]
+            (f"multidomain, {len(md_['targets_grid'])} targets ({md_['vectors']} vectors), reached on the reporting half (searched on the tuning half)",
+             f"paper's grid {md_['grid']['reached']} (tuning half {md_['grid']['tune_reached']}) in {md_['grid']['evaluations']} evaluations; "
+             f"probe–solve–verify search {md_['surrogate']['reached']} (tuning half {md_['surrogate']['tune_reached']}) in {md_['surrogate']['evaluations']}")]
     if report.get("handwritten"):
         h = report["handwritten"]
         rows.append((f"hand-written queries ({h['records']}, never tuned on): dial levels reached",

@@ -15,17 +15,17 @@ import matplotlib
 import matplotlib.pyplot as plt
 import seaborn as sns
 
-from .core import AVError, atomic_path
+from .core import AVError, atomic_path, seeded_sample
 from .data import DOMAINS, LEVELS, domains_of, levels_of
 from .judge import JUDGE_LABELS
 from .scoring import preference_table, table_levels, generate_answers, answer_problem
 
 # %% auto #0
-__all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'evaluate', 'share_matrix', 'knob_domains', 'lambda_sweep',
-           'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality', 'dial_levels', 'is_dial', 'dial_schedule',
-           'mean_level', 'mean_level_leakage', 'save_figure', 'plot_spectrum', 'leakage_matrix', 'leakage_ratio',
-           'plot_leakage', 'targets_for', 'target_score', 'grid_search', 'probe_curves', 'surrogate_shares',
-           'surrogate_search', 'retrain_target']
+__all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'split_halves', 'evaluate', 'share_matrix', 'knob_domains',
+           'lambda_sweep', 'sweep_part', 'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality',
+           'dial_levels', 'is_dial', 'dial_schedule', 'mean_level', 'mean_level_leakage', 'save_figure',
+           'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'targets_for', 'target_score',
+           'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'measure_targets', 'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -40,6 +40,18 @@ def sample_records(records:list, # Records in the data schema
         keep = sorted(rng.choice(len(rs), size=min(per_domain, len(rs)), replace=False))
         out += [rs[i] for i in keep]
     return out
+
+# %% ../nbs/07_sweep.ipynb #0095457b
+def split_halves(records:list, # Held-out records, e.g. from `sample_records`
+                 seed:int=0, # Which half each record goes to: same seed, same halves
+                )->tuple[list, list]: # (tuning half, reporting half), each in the order of `records`
+    "Per domain, a seeded half of its seen-topic and of its unseen-topic records to choose settings on; the rest to report them on."
+    tune = set()
+    for k, d in enumerate(domains_of(records)):
+        strata = [[i for i, r in enumerate(records) if r["domain"] == d and bool(r.get("heldout_topic")) == u] for u in (False, True)]
+        order = [i for j, s in enumerate(strata) for i in seeded_sample(s, len(s), seed + 2 * k + j)]
+        tune.update(order[0::2])  # alternating along both strata: each halved, and the domain too (its odd one to tuning)
+    return [r for i, r in enumerate(records) if i in tune], [r for i, r in enumerate(records) if i not in tune]
 
 # %% ../nbs/07_sweep.ipynb #8b07f958
 def evaluate(knobs, # `Knobs` over the model
@@ -81,6 +93,15 @@ def _judged_rows(knobs, tokenizer, records, judge, n_generate, max_new_tokens)->
         if not judge: rows.append({"domain": d, "metric": "judged", "level": None, "share": np.nan, "well_formed": ok})
     return rows
 
+def _share_rows(table:pd.DataFrame)->list:
+    "Per domain and level of a preference table: the share preferring the level and its mean margin over the best other."
+    levels, rows = list(table_levels(table)), []
+    for d, g in table.groupby("domain", sort=False):
+        for lvl in levels:
+            rows.append({"domain": d, "metric": "preference", "level": lvl, "share": float((g.preferred == lvl).mean()),
+                         "well_formed": np.nan, "margin": float((g[lvl] - g[[l for l in levels if l != lvl]].max(axis=1)).mean())})
+    return rows
+
 def lambda_sweep(knobs, # `Knobs` over the model
                  tokenizer, # Its tokenizer
                  records:list, # Held-out records (any domains)
@@ -90,8 +111,9 @@ def lambda_sweep(knobs, # `Knobs` over the model
                  n_generate:int=0, # Greedy answers per domain and λ (0: preference only)
                  max_new_tokens:int=96, # Answer length bound
                  cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
+                 parts:dict|None=None, # {name: record ids}: preference shares of each part too (rows with that `part`)
                  progress:bool=False, # tqdm bar over the grid
-                )->pd.DataFrame: # knob, knob_domain, lam, domain, metric, level, share, well_formed, margin
+                )->pd.DataFrame: # knob, knob_domain, lam, part ("all" or a name of `parts`), domain, metric, level, share, well_formed, margin
     "Move one knob over `grid`; tidy rows of level shares per λ and evaluated domain."
     from tqdm.auto import tqdm
     kd = knob_domains(knobs)[knob]
@@ -101,16 +123,18 @@ def lambda_sweep(knobs, # `Knobs` over the model
         recs, at = (records if every else own), []
         with knobs.using(**{knob: float(lam)}):
             t = preference_table(knobs.model, tokenizer, recs)
-            levels = list(table_levels(t))
-            for d, g in t.groupby("domain", sort=False):
-                for lvl in levels:
-                    at.append({"domain": d, "metric": "preference", "level": lvl,
-                               "share": float((g.preferred == lvl).mean()), "well_formed": np.nan,
-                               "margin": float((g[lvl] - g[[l for l in levels if l != lvl]].max(axis=1)).mean())})
-            if n_generate: at += _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)
+            for part, ids in {"all": None, **(parts or {})}.items():
+                at += [{"part": part, **r} for r in _share_rows(t if ids is None else t[t["id"].isin(set(ids))])]
+            if n_generate: at += [{"part": "all", **r} for r in _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)]
         rows += [{"knob": knob, "knob_domain": kd, "lam": float(lam), **r} for r in at]
-    cols = ["knob", "knob_domain", "lam", "domain", "metric", "level", "share", "well_formed", "margin"]
+    cols = ["knob", "knob_domain", "lam", "part", "domain", "metric", "level", "share", "well_formed", "margin"]
     return pd.DataFrame(rows).reindex(columns=cols)
+
+def sweep_part(sweep:pd.DataFrame, # From `lambda_sweep`
+               part:str="all", # "all", or a name of the sweep's `parts`
+              )->pd.DataFrame:
+    "The rows of one part of a sweep (every record's rows by default): what the sweep's readers take."
+    return sweep[sweep.part == part].reset_index(drop=True)
 
 def sweep_levels(sweep:pd.DataFrame, # From `lambda_sweep`
                 )->list: # The compared levels, low to high
@@ -400,6 +424,29 @@ def surrogate_search(knobs, tokenizer, records:list, # As for `grid_search`
                 n_evals += 1
             evals.append((dict(zip(names, key)), cache[key]))
     return _best_per_target(evals, targets), n_evals
+
+# %% ../nbs/07_sweep.ipynb #7de30ea7
+def _scored(shares_of, target:dict)->tuple:
+    "`target_score` where every target domain has records (else (None, nan))."
+    m = shares_of()
+    return target_score(m, target) if set(target) <= set(m.index) else (None, float("nan"))
+
+def measure_targets(knobs, tokenizer, # As for `grid_search`
+                    best:pd.DataFrame, # A search's best per target (`grid_search`/`surrogate_search`)
+                    records:list, # Other held-out records, e.g. the reporting half (`split_halves`)
+                   )->tuple[pd.DataFrame, int]: # (`best` with reached/accuracy on `records`, evaluations used)
+    "Each target's chosen setting evaluated on other records: reached and accuracy there (pooled, seen, unseen topics)."
+    lam_cols, cache, rows = [c for c in best if c.startswith("lam_")], {}, []
+    for _, r in best.iterrows():
+        key = tuple(float(r[c]) for c in lam_cols)
+        if key not in cache: cache[key] = evaluate(knobs, tokenizer, records, **{c[4:]: v for c, v in zip(lam_cols, key)})
+        t, target = cache[key], {c[7:]: r[c] for c in best if c.startswith("target_")}
+        unseen = t["heldout_topic"].astype(bool)
+        row = {**{c: r[c] for c in best if c.startswith("target_")}, "tune_reached": bool(r.reached), "tune_accuracy": float(r.accuracy)}
+        for name, sub in (("", t), ("_seen", t[~unseen]), ("_unseen", t[unseen])):
+            row[f"reached{name}"], row[f"accuracy{name}"] = _scored(lambda: share_matrix(sub), target)
+        rows.append(row | {c: r[c] for c in lam_cols})
+    return pd.DataFrame(rows), len(cache)
 
 # %% ../nbs/07_sweep.ipynb #21113064
 def retrain_target(base_dir:str|Path, # The SFT base checkpoint
