@@ -24,8 +24,9 @@ from .scoring import preference_table, table_levels, generate_answers, answer_pr
 __all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'split_halves', 'evaluate', 'share_matrix', 'knob_domains',
            'lambda_sweep', 'sweep_part', 'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality',
            'dial_levels', 'is_dial', 'dial_schedule', 'mean_level', 'mean_level_leakage', 'save_figure',
-           'plot_spectrum', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'targets_for', 'target_score',
-           'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'measure_targets', 'retrain_target']
+           'plot_spectrum', 'plot_level_lines', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'targets_for',
+           'target_score', 'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'measure_targets',
+           'retrain_target']
 
 # %% ../nbs/07_sweep.ipynb #542baac8
 def sample_records(records:list, # Records in the data schema
@@ -99,7 +100,8 @@ def _share_rows(table:pd.DataFrame)->list:
     for d, g in table.groupby("domain", sort=False):
         for lvl in levels:
             rows.append({"domain": d, "metric": "preference", "level": lvl, "share": float((g.preferred == lvl).mean()),
-                         "well_formed": np.nan, "margin": float((g[lvl] - g[[l for l in levels if l != lvl]].max(axis=1)).mean())})
+                         "well_formed": np.nan, "margin": float((g[lvl] - g[[l for l in levels if l != lvl]].max(axis=1)).mean()),
+                         "loglik": float(g[lvl].mean())})
     return rows
 
 def lambda_sweep(knobs, # `Knobs` over the model
@@ -113,7 +115,7 @@ def lambda_sweep(knobs, # `Knobs` over the model
                  cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
                  parts:dict|None=None, # {name: record ids}: preference shares of each part too (rows with that `part`)
                  progress:bool=False, # tqdm bar over the grid
-                )->pd.DataFrame: # knob, knob_domain, lam, part ("all" or a name of `parts`), domain, metric, level, share, well_formed, margin
+                )->pd.DataFrame: # knob, knob_domain, lam, part ("all" or a name of `parts`), domain, metric, level, share, well_formed, margin, loglik
     "Move one knob over `grid`; tidy rows of level shares per λ and evaluated domain."
     from tqdm.auto import tqdm
     kd = knob_domains(knobs)[knob]
@@ -127,7 +129,7 @@ def lambda_sweep(knobs, # `Knobs` over the model
                 at += [{"part": part, **r} for r in _share_rows(t if ids is None else t[t["id"].isin(set(ids))])]
             if n_generate: at += [{"part": "all", **r} for r in _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)]
         rows += [{"knob": knob, "knob_domain": kd, "lam": float(lam), **r} for r in at]
-    cols = ["knob", "knob_domain", "lam", "part", "domain", "metric", "level", "share", "well_formed", "margin"]
+    cols = ["knob", "knob_domain", "lam", "part", "domain", "metric", "level", "share", "well_formed", "margin", "loglik"]
     return pd.DataFrame(rows).reindex(columns=cols)
 
 def sweep_part(sweep:pd.DataFrame, # From `lambda_sweep`
@@ -263,6 +265,25 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     save_figure(fig, path)
+    return fig
+
+# %% ../nbs/07_sweep.ipynb #12e2d6ea
+def plot_level_lines(sweep:pd.DataFrame, # From `lambda_sweep` with every domain evaluated at every λ (`cross_lams=None`)
+                     knob:str, # The knob whose lines are drawn
+                     path:str|Path|None=None, # Optional PNG
+                    ):
+    "Each level's mean log-likelihood per token against λ: on the knob's own domain, and averaged over the other domains."
+    g = sweep[(sweep.knob == knob) & (sweep.metric == "preference") & (sweep.part == "all")]
+    if g.empty: raise AVError(f"plot_level_lines: the sweep has no preference rows of knob {knob!r}")
+    home = g.domain == g.knob_domain
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    for ax, (title, rows) in zip(axes, ((f"its own domain ({g.knob_domain.iloc[0]})", g[home]), ("the other domains (mean)", g[~home]))):
+        lines = rows.groupby(["lam", "level"]).loglik.mean().unstack().reindex(columns=sweep_levels(g))
+        for lvl in lines: ax.plot(lines.index, lines[lvl], marker="o", ms=3, color=LEVEL_COLORS.get(lvl), label=lvl)
+        ax.axvline(0, color="k", lw=0.5); ax.set(title=f"{knob}: {title}", xlabel="λ")
+    axes[0].set_ylabel("mean log-likelihood per token"); axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    if path is not None: save_figure(fig, path)
     return fig
 
 # %% ../nbs/07_sweep.ipynb #93e3c894
