@@ -110,7 +110,7 @@ def lambda_sweep(knobs, # `Knobs` over the model
                  knob:str, # The knob to move; the others stay where they are
                  grid=GRID, # λ values
                  judge=None, # Optional judge for generated answers
-                 n_generate:int=0, # Greedy answers per domain and λ (0: preference only)
+                 n_generate:int=0, # Greedy answers per λ to the knob's own domain's queries (0: preference only)
                  max_new_tokens:int=96, # Answer length bound
                  cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
                  parts:dict|None=None, # {name: record ids}: preference shares of each part too (rows with that `part`)
@@ -127,7 +127,8 @@ def lambda_sweep(knobs, # `Knobs` over the model
             t = preference_table(knobs.model, tokenizer, recs)
             for part, ids in {"all": None, **(parts or {})}.items():
                 at += [{"part": part, **r} for r in _share_rows(t if ids is None else t[t["id"].isin(set(ids))])]
-            if n_generate: at += [{"part": "all", **r} for r in _judged_rows(knobs, tokenizer, recs, judge, n_generate, max_new_tokens)]
+            if n_generate:  # the knob's own domain only: generation is a sweep's dearest part, and its own domain is what it judges
+                at += [{"part": "all", **r} for r in _judged_rows(knobs, tokenizer, own or recs, judge, n_generate, max_new_tokens)]
         rows += [{"knob": knob, "knob_domain": kd, "lam": float(lam), **r} for r in at]
     cols = ["knob", "knob_domain", "lam", "part", "domain", "metric", "level", "share", "well_formed", "margin", "loglik"]
     return pd.DataFrame(rows).reindex(columns=cols)
