@@ -23,18 +23,20 @@ from .stages import records_hash, run_jobs, stage_key, cached_stage
 from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy
-from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, spectrum_summary, plot_spectrum,
+from .scoring import well_formed
+from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, dial_schedule, targets_for, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
                            save_figure, dial_settings, plurality, share_matrix, evaluate, target_score,
                            sweep_levels, dial_levels, is_dial, mean_level, mean_level_leakage)
 from .baselines import compare_baselines
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage', 'vector_file',
-           'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage', 'dial_check',
-           'dial_report_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
-           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
-           'summary_text', 'results_table', 'readme_section', 'update_readme']
+__all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage',
+           'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage',
+           'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots', 'dial_study_stage', 'retrain_targets',
+           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
+           'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
+           'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -50,6 +52,8 @@ class DemoConfig:
     verify:int = 1 # Real evaluations per target in the cheaper search
     retrain_targets:tuple = ("medical",) # Joint retraining: expert in these domains (one per run), avoidance elsewhere
     anchored:bool = False # Also train anchored vectors (3 more DPO models, ~1 min); they then drive the multidomain search
+    dial_vectors:bool = False # Also a generic-preferring DPO model per domain (3 more): each domain's two-vector dial, measured (`dial_study`)
+    dial_grid:tuple = tuple(i / 4 for i in range(13)) # Dial positions 0, 0.25, …, 3 of the two-vector dials
     leak_lams:tuple = (1.0, 2.0) # λ values at which leakage is reported
     transfer_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values applied to the pretrain-only checkpoint (tiny model only)
     real_pairs:int = 64 # DPO pairs per domain when the base is a real model (`run_demo(model=...)`)
@@ -82,20 +86,24 @@ def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:boo
     return tiny_pipelines((False,), cache, domains=(), seed=cfg.seed, workers=workers, progress=progress,
                           refresh=("pretrain", "base") if fresh else ())[False]
 
+KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"), "generic": (False, "generic")}  # kind -> (anchoring pairs, preferred level)
+
 def vector_file(out:Path, kind:str, domain:str)->Path:
-    "Where the report keeps the vector of `domain` of a kind (plain, anchored): `out/vectors/<domain>-expert[-anchored].safetensors`."
-    return out/"vectors"/f"{domain}-expert{'' if kind == 'plain' else '-' + kind}.safetensors"
+    "Where the report keeps the vector of `domain` of a kind (`KINDS`): `out/vectors/<domain>-<level>[-anchored].safetensors`."
+    anchor, level = KINDS[kind]
+    return out/"vectors"/f"{domain}-{level}{'-anchored' if anchor else ''}.safetensors"
 
 def _extract(base:Path, aligned:Path, f:Path, domain:str, kind:str, dtype:str)->Path:
     "Write the vector aligned − base to `f`, unless `f` already holds the one of this aligned checkpoint."
     if not f.exists() or AlignmentVector.load(f, lazy=True).meta.get("aligned") != str(aligned):
-        AlignmentVector.extract_to(base, aligned, f, dtype=dtype, overwrite=True, domain=domain, level="expert", training=kind)
+        AlignmentVector.extract_to(base, aligned, f, dtype=dtype, overwrite=True, domain=domain, level=KINDS[kind][1], training=kind)
     return f
 
 def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, fresh:bool=False)->str:
-    "One tiny expert DPO model (plain or anchored), trained or reused in `cache`, and its vector in the report; the model's folder."
-    p = tiny_pipelines((kind == "anchored",), cache, domains=(domain,), seed=seed, progress=False,
-                       refresh=("dpo",) if fresh else ())[kind == "anchored"]
+    "One tiny DPO model of a kind (`KINDS`: plain, anchored, generic), trained or reused in `cache`, and its vector in the report; the model's folder."
+    anchor, level = KINDS[kind]
+    p = tiny_pipelines((anchor,), cache, domains=(domain,), level=level, seed=seed, progress=False,
+                       refresh=("dpo",) if fresh else ())[anchor]
     _extract(p["base"], p[domain], vector_file(out, kind, domain), domain, kind, "float32")
     return str(p[domain])
 
@@ -189,15 +197,21 @@ def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, 
 def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
                       records:list, # Held-out records nobody tuned on (the reporting half)
                       dial:dict, # From `sweep.dial_settings` on the tuning half: domain -> level -> {knob: λ} or None
-                     )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
-    """The dial measured on `records` at the settings chosen elsewhere: whether each level is the strict plurality of its
+                     )->dict: # `measure_dial`'s result
+    "The plain knobs' dial, chosen on the tuning half, measured on the reporting half (`measure_dial`)."
+    return measure_dial(*_knobs(base, vectors), records, dial)
+
+def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
+                 records:list, # Held-out records nobody tuned on (the reporting half)
+                 dial:dict, # domain -> level -> {knob: λ} or None (chosen elsewhere)
+                )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
+    """A dial measured on `records` at settings chosen elsewhere: whether each level is the strict plurality of its
     domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
     every knob at 0 to each domain's highest-level setting."""
-    knobs, tok = _knobs(base, vectors)
     zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
     def table(lam:dict)->pd.DataFrame:  # one evaluation per distinct setting
         key = json.dumps(zero | lam, sort_keys=True)
-        if key not in tables: tables[key] = evaluate(knobs, tok, records, **(zero | lam))
+        if key not in tables: tables[key] = evaluate(knobs, tokenizer, records, **(zero | lam))
         return tables[key]
     before, reached, leakage = share_matrix(table({})), {}, {}
     for d, by_level in dial.items():
@@ -216,6 +230,60 @@ def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
         leakage[d] = {"setting": top, "shift": (mean_level(after) - mean_level(before)).to_dict(),
                       "ratio": mean_level_leakage(before, after, d)}
     return {"reached": reached, "leakage": leakage}
+
+# %% ../nbs/10_demo.ipynb #0e885946
+def dial_knots(generic:str, # The domain's generic-preferring knob
+               expert:str, # Its expert-preferring knob
+              )->list: # `dial_schedule` knots
+    "A two-vector dial: generic up to its trained strength (s = 0 → 1), then expert added on top (s = 1 → 2), expert growing past 2."
+    return [(0.0, {generic: 0.0, expert: 0.0}), (1.0, {generic: 1.0, expert: 0.0}), (2.0, {generic: 1.0, expert: 1.0})]
+
+def _ids(records:list)->list: return [r["id"] for r in records]
+
+def dial_study_stage(base:Path, # Checkpoint the knobs act on
+                     vectors:dict, # knob -> vector file: one generic- and one expert-preferring vector per domain (metadata `domain`, `level`)
+                     tune:list, # Held-out records the dials' settings are chosen on
+                     report:list, # Held-out records they are measured on
+                     cfg:DemoConfig,
+                     n_wellformed:int=16, # Greedy answers per chosen setting (own domain, both halves)
+                    )->dict: # knots, sweep checks, chosen settings, their measurement, well-formedness, targets
+    "Each domain's two-vector dial: swept, chosen on the tuning half, measured on the reporting half; the 27 targets set dial by dial."
+    cfg = _config(cfg)
+    knobs, tok = _knobs(base, vectors)
+    by_domain = {}  # domain -> level -> knob, from the vectors' metadata
+    for k, m in knobs.meta.items(): by_domain.setdefault(m["domain"], {})[m["level"]] = k
+    knots = {d: dial_knots(ks["generic"], ks["expert"]) for d, ks in by_domain.items()}
+    scheds = {d: dial_schedule(kn) for d, kn in knots.items()}
+    parts = {"tune": _ids(tune), "report": _ids(report)}
+    sw = pd.concat([lambda_sweep(knobs, tok, tune + report, f"{d} dial", grid=cfg.dial_grid, dial=s, cross_lams=(), parts=parts)
+                    for d, s in scheds.items()], ignore_index=True)
+    positions = dial_settings(sweep_part(sw, "tune"))  # domain -> level -> {"<domain> dial": s} or None
+    settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
+    well = {}
+    for d, lv in settings.items():
+        qs = [r["query"] for r in tune + report if r["domain"] == d][:n_wellformed]
+        well[d] = {l: None if lam is None else float(_well_formed_at(knobs, tok, qs, lam)) for l, lam in lv.items()}
+    targets = targets_for(tuple(settings), LEVELS)
+    rows = []
+    for t in targets:
+        if any(settings[d][l] is None for d, l in t.items()): continue  # a level the dial does not reach on the tuning half
+        lam = {k: v for d, l in t.items() for k, v in settings[d][l].items()}
+        reached, acc = target_score(share_matrix(evaluate(knobs, tok, tune, **lam)), t)
+        rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc, **{f"lam_{k}": v for k, v in lam.items()}})
+    measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
+    n = len(tune) + len(report)
+    count = lambda col: int(measured[col].fillna(False).astype(bool).sum()) if len(measured) else 0
+    return {"knots": {d: [[s, lam] for s, lam in kn] for d, kn in knots.items()}, "grid": list(cfg.dial_grid),
+            "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")),
+            "positions": positions, "settings": settings, **measure_dial(knobs, tok, report, settings), "well_formed": well,
+            "targets": _records(measured), "targets_settable": len(rows), "reached": count("reached"), "tune_reached": count("tune_reached"),
+            "reached_seen": count("reached_seen"), "reached_unseen": count("reached_unseen"),
+            "evaluations": {"calibration": len(cfg.dial_grid) * len(tune) / n, "targets_tuning": len(rows) * len(tune) / n,
+                            "targets_report": n_report * len(report) / n}}
+
+def _well_formed_at(knobs, tokenizer, queries:list, lam:dict)->float:
+    "Share of greedy answers to `queries` that are well-formed with the knobs at `lam` (others 0)."
+    with knobs.using(**({k: 0.0 for k in knobs.lambdas} | lam)): return well_formed(knobs.model, tokenizer, queries).problem.isna().mean()
 
 # %% ../nbs/10_demo.ipynb #b3b82a57
 def retrain_targets(cfg:DemoConfig)->list:
@@ -333,15 +401,15 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     workers = workers or os.cpu_count() or 1
     if model is not None:  # check the model and the settings before anything is written
         from av_nbdev.models import base_dir
-        if cfg.anchored or cfg.retrain_targets:
-            raise AVError(f"model {model}: anchored vectors and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
+        if cfg.anchored or cfg.retrain_targets or cfg.dial_vectors:
+            raise AVError(f"model {model}: anchored vectors, two-vector dials and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
         real_base = base_dir(model)
     out = prepare_out(out, fresh)
     set_seed(cfg.seed)
     if model is None: torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
-    kinds = ("plain", "anchored") if cfg.anchored else ("plain",)
+    kinds = ("plain",) + (("anchored",) if cfg.anchored else ()) + (("generic",) if cfg.dial_vectors else ())
     from av_nbdev.core import cache_dir
     if model is None:  # pretrain and SFT here, then one stage per DPO model
         cache = Path(cache or cache_dir()/"tiny")
@@ -383,6 +451,9 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
                                                 dial_of(r), target_settings(r["surrogate"])),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]), vec(md_kind))))
+    if cfg.dial_vectors:
+        dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in ("generic", "plain")}
+        jobs["dial_study"] = stage("dial_study_stage", ("plain", "generic"), (base, dial_files, tune, report_half, c), parts)
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -429,6 +500,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     report["handwritten"] = res["handwritten"]
+    if "dial_study" in res: report["dial_study"] = res["dial_study"]
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))
@@ -501,6 +573,7 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
                f"{h['records']} records. Dial levels reached there (at the settings found on generated queries): " +
                "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
                f". Multidomain targets reached there: {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""]
+    if report.get("dial_study"): md += _dial_study_md(report["dial_study"])
     if report.get("baselines"):
         cond = report["baselines_conditions"]
         md += ["## Baselines (setting chosen on a tuning half, reported on the other half)", "",
@@ -510,6 +583,23 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
     with atomic_path(out/"report.md", overwrite=True) as tmp: tmp.write_text("\n".join(md))
 
 def _num(v)->str: return "–" if v is None or v != v else f"{v:.2f}"  # missing (None/NaN) shows as a dash
+
+def _dial_study_md(ds:dict)->list:
+    "The report's section on the two-vector dials (`dial_study_stage`)."
+    rows = [{"domain": d, "level": l, "position": None if ds["positions"][d][l] is None else ds["positions"][d][l][f"{d} dial"],
+             "share": v and v["share"], "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
+             "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l]}
+            for d, lv in ds["reached"].items() for l, v in lv.items()]
+    return ["## Two-vector dials (generic vector up, then expert on top)", "",
+            "Each level's dial position chosen on the tuning half, measured on the reporting half (greedy answers: both halves):", "",
+            md_table(pd.DataFrame(rows)), "",
+            "A dial along the positions (reporting half / tuning half): " +
+            "; ".join(f"{k} {v['is_dial']} / {v.get('is_dial_tune')}" for k, v in ds["dial_check"].items()) + ". Leakage ratio on the "
+            "mean level at each expert setting: " + ", ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in ds["leakage"].items()) + ".", "",
+            f"The 27 targets, each domain's dial turned to its level independently: {ds['reached']} reached on the reporting half "
+            f"(seen topics {ds['reached_seen']}, unseen {ds['reached_unseen']}; tuning half {ds['tune_reached']}); "
+            f"{ds['targets_settable']} settable (every level found on the tuning half). Evaluations: "
+            + ", ".join(f"{k} {v:.1f}" for k, v in ds["evaluations"].items()) + ".", ""]
 
 def summary_text(report:dict, out:Path)->str:
     "The one-screen summary printed at the end of `av demo`."
@@ -528,6 +618,10 @@ def summary_text(report:dict, out:Path)->str:
               f"{md['grid']['reached']}/27 in {md['grid']['evaluations']} evaluations; surrogate {md['surrogate']['reached']}/27 in {md['surrogate']['evaluations']}"]
     if report["model"] == "tiny" and "anchored, λ=1" not in report["leakage"]:
         lines += ["  (plain vectors move the other domains too: `av demo --anchored` adds anchored vectors that do not)"]
+    if report.get("dial_study"):
+        ds = report["dial_study"]
+        lines += ["  two-vector dials (reporting half): " + ", ".join(f"{k} {'a dial' if v['is_dial'] else 'no dial'}" for k, v in ds["dial_check"].items())
+                  + f"; targets set dial by dial {ds['reached']}/27"]
     if report["retrain"]:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
     lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]

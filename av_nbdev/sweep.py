@@ -107,23 +107,27 @@ def _share_rows(table:pd.DataFrame)->list:
 def lambda_sweep(knobs, # `Knobs` over the model
                  tokenizer, # Its tokenizer
                  records:list, # Held-out records (any domains)
-                 knob:str, # The knob to move; the others stay where they are
+                 knob:str, # The knob to move (with `dial`: the dial's name); the others stay where they are
                  grid=GRID, # λ values
                  judge=None, # Optional judge for generated answers
                  n_generate:int=0, # Greedy answers per λ to the knob's own domain's queries (0: preference only)
                  max_new_tokens:int=96, # Answer length bound
                  cross_lams:tuple|None=None, # λs at which the other domains' records count too (None: every λ)
                  parts:dict|None=None, # {name: record ids}: preference shares of each part too (rows with that `part`)
+                 dial=None, # Optional s -> {knob: λ} (`dial_schedule`): `grid` holds dial positions, its knobs move together
                  progress:bool=False, # tqdm bar over the grid
                 )->pd.DataFrame: # knob, knob_domain, lam, part ("all" or a name of `parts`), domain, metric, level, share, well_formed, margin, loglik
-    "Move one knob over `grid`; tidy rows of level shares per λ and evaluated domain."
+    "Move one knob (or one domain's dial) over `grid`; tidy rows of level shares per λ and evaluated domain."
     from tqdm.auto import tqdm
-    kd = knob_domains(knobs)[knob]
+    move = dial or (lambda lam: {knob: lam})
+    domains = {knob_domains(knobs)[k] for k in move(float(grid[0]))}
+    if len(domains) != 1: raise AVError(f"dial {knob!r}: its knobs belong to {sorted(domains)}; a dial moves one domain's knobs")
+    kd = domains.pop()
     own, rows = [r for r in records if r["domain"] == kd], []
     for lam in tqdm(grid, desc=f"sweep {knob}", disable=not progress, leave=False):
         every = cross_lams is None or not own or bool(np.isclose(lam, cross_lams).any())
         recs, at = (records if every else own), []
-        with knobs.using(**{knob: float(lam)}):
+        with knobs.using(**move(float(lam))):
             t = preference_table(knobs.model, tokenizer, recs)
             for part, ids in {"all": None, **(parts or {})}.items():
                 at += [{"part": part, **r} for r in _share_rows(t if ids is None else t[t["id"].isin(set(ids))])]
