@@ -33,10 +33,10 @@ from .baselines import compare_baselines
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage',
            'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage',
-           'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots', 'dial_study_stage', 'retrain_targets',
-           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
-           'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
-           'readme_section', 'update_readme']
+           'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots', 'dial_study_stage', 'dial_study_targets',
+           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
+           'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
+           'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -245,7 +245,7 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
                      tune:list, # Held-out records the dials' settings are chosen on
                      report:list, # Held-out records they are measured on
                      cfg:DemoConfig,
-                     n_wellformed:int=16, # Greedy answers per chosen setting (own domain, both halves)
+                     min_well_formed:float=0.8, # A level's position must keep this share of greedy answers (tuning half) well-formed
                     )->dict: # knots, sweep checks, chosen settings, their measurement, well-formedness, targets
     "Each domain's two-vector dial: swept, chosen on the tuning half, measured on the reporting half; the 27 targets set dial by dial."
     cfg = _config(cfg)
@@ -257,12 +257,16 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     parts = {"tune": _ids(tune), "report": _ids(report)}
     sw = pd.concat([lambda_sweep(knobs, tok, tune + report, f"{d} dial", grid=cfg.dial_grid, dial=s, cross_lams=(), parts=parts)
                     for d, s in scheds.items()], ignore_index=True)
-    positions = dial_settings(sweep_part(sw, "tune"))  # domain -> level -> {"<domain> dial": s} or None
+    own = lambda recs, d: [r["query"] for r in recs if r["domain"] == d]
+    checked = {}  # (domain, s) -> well-formed share of greedy answers to the domain's tuning queries
+    def well_formed_enough(d, lvl, pos):
+        key = (d, pos[f"{d} dial"])
+        if key not in checked: checked[key] = float(_well_formed_at(knobs, tok, own(tune, d), scheds[d](key[1])))
+        return checked[key] >= min_well_formed
+    positions = dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough)  # domain -> level -> {"<domain> dial": s} or None
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
-    well = {}
-    for d, lv in settings.items():
-        qs = [r["query"] for r in tune + report if r["domain"] == d][:n_wellformed]
-        well[d] = {l: None if lam is None else float(_well_formed_at(knobs, tok, qs, lam)) for l, lam in lv.items()}
+    well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, own(tune + report, d), lam)) for l, lam in lv.items()}
+            for d, lv in settings.items()}  # the reported share: every sampled query of the domain
     targets = targets_for(tuple(settings), LEVELS)
     rows = []
     for t in targets:
@@ -273,13 +277,22 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
     n = len(tune) + len(report)
     count = lambda col: int(measured[col].fillna(False).astype(bool).sum()) if len(measured) else 0
+    levels = measure_dial(knobs, tok, report, settings)
     return {"knots": {d: [[s, lam] for s, lam in kn] for d, kn in knots.items()}, "grid": list(cfg.dial_grid),
-            "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")),
-            "positions": positions, "settings": settings, **measure_dial(knobs, tok, report, settings), "well_formed": well,
-            "targets": _records(measured), "targets_settable": len(rows), "reached": count("reached"), "tune_reached": count("tune_reached"),
-            "reached_seen": count("reached_seen"), "reached_unseen": count("reached_unseen"),
+            "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")), "positions": positions, "settings": settings,
+            "levels": levels["reached"], "leakage": levels["leakage"], "well_formed": well,
+            "tune_well_formed": {d: {str(s): v for (dd, s), v in checked.items() if dd == d} for d in scheds}, "targets": _records(measured),
+            "targets_settable": len(rows), "targets_reached": count("reached"), "targets_tune_reached": count("tune_reached"),
+            "targets_reached_seen": count("reached_seen"), "targets_reached_unseen": count("reached_unseen"),
             "evaluations": {"calibration": len(cfg.dial_grid) * len(tune) / n, "targets_tuning": len(rows) * len(tune) / n,
                             "targets_report": n_report * len(report) / n}}
+
+def dial_study_targets(study:dict, # From `dial_study_stage`
+                      )->list: # One row per settable target: target, lambdas (every knob), reached, accuracy (reporting half)
+    "The two-vector dials' targets as `target_settings` lists a search's."
+    return [{"target": {k[7:]: v for k, v in r.items() if k.startswith("target_")},
+             "lambdas": {k[4:]: v for k, v in r.items() if k.startswith("lam_")}, "reached": bool(r["reached"]), "accuracy": r["accuracy"]}
+            for r in study["targets"]]
 
 def _well_formed_at(knobs, tokenizer, queries:list, lam:dict)->float:
     "Share of greedy answers to `queries` that are well-formed with the knobs at `lam` (others 0)."
@@ -454,6 +467,9 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in ("generic", "plain")}
         jobs["dial_study"] = stage("dial_study_stage", ("plain", "generic"), (base, dial_files, tune, report_half, c), parts)
+        jobs["handwritten_dials"] = (("dial_study",), lambda r: (
+            stage_key(asdict(cfg), data_key, names(r, ("plain", "generic")), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
+            "handwritten_check", (base, dial_files, r["dial_study"]["settings"], dial_study_targets(r["dial_study"]))))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -500,7 +516,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     report["handwritten"] = res["handwritten"]
-    if "dial_study" in res: report["dial_study"] = res["dial_study"]
+    if "dial_study" in res: report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"]}
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))
@@ -589,17 +605,20 @@ def _dial_study_md(ds:dict)->list:
     rows = [{"domain": d, "level": l, "position": None if ds["positions"][d][l] is None else ds["positions"][d][l][f"{d} dial"],
              "share": v and v["share"], "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
              "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l]}
-            for d, lv in ds["reached"].items() for l, v in lv.items()]
+            for d, lv in ds["levels"].items() for l, v in lv.items()]
     return ["## Two-vector dials (generic vector up, then expert on top)", "",
             "Each level's dial position chosen on the tuning half, measured on the reporting half (greedy answers: both halves):", "",
             md_table(pd.DataFrame(rows)), "",
             "A dial along the positions (reporting half / tuning half): " +
             "; ".join(f"{k} {v['is_dial']} / {v.get('is_dial_tune')}" for k, v in ds["dial_check"].items()) + ". Leakage ratio on the "
             "mean level at each expert setting: " + ", ".join(f"{d} {_num(v['ratio'] if v else None)}" for d, v in ds["leakage"].items()) + ".", "",
-            f"The 27 targets, each domain's dial turned to its level independently: {ds['reached']} reached on the reporting half "
-            f"(seen topics {ds['reached_seen']}, unseen {ds['reached_unseen']}; tuning half {ds['tune_reached']}); "
+            f"The 27 targets, each domain's dial turned to its level independently: {ds['targets_reached']} reached on the reporting half "
+            f"(seen topics {ds['targets_reached_seen']}, unseen {ds['targets_reached_unseen']}; tuning half {ds['targets_tune_reached']}); "
             f"{ds['targets_settable']} settable (every level found on the tuning half). Evaluations: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in ds["evaluations"].items()) + ".", ""]
+            + ", ".join(f"{k} {v:.1f}" for k, v in ds["evaluations"].items()) + ".", ""] + ([
+            f"On the {h['records']} hand-written queries: dial levels reached " +
+            "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
+            f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""] if (h := ds.get("handwritten")) else [])
 
 def summary_text(report:dict, out:Path)->str:
     "The one-screen summary printed at the end of `av demo`."
@@ -621,7 +640,7 @@ def summary_text(report:dict, out:Path)->str:
     if report.get("dial_study"):
         ds = report["dial_study"]
         lines += ["  two-vector dials (reporting half): " + ", ".join(f"{k} {'a dial' if v['is_dial'] else 'no dial'}" for k, v in ds["dial_check"].items())
-                  + f"; targets set dial by dial {ds['reached']}/27"]
+                  + f"; targets set dial by dial {ds['targets_reached']}/27"]
     if report["retrain"]:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
     lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]

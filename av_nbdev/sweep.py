@@ -174,6 +174,8 @@ def spectrum_summary(sweep:pd.DataFrame, # From `lambda_sweep` (one or several k
 # %% ../nbs/07_sweep.ipynb #1d8bd680
 def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, concatenated)
                   metric:str="preference", # Which shares decide
+                  accept=None, # Optional f(domain, level, {knob: λ}) -> bool, asked in order of share: the first it accepts
+                               # (e.g. greedy answers well-formed enough); when it accepts none, the best-share setting
                  )->dict: # domain -> level -> {knob: λ} (the domain's knobs), or None where not reached
     "Per domain and level, the swept setting at which that level is the strict plurality of the domain's own queries."
     own = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == metric)]
@@ -185,8 +187,9 @@ def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knob
         for lvl in levels:
             wins = shares[shares[lvl] > shares.drop(columns=lvl).max(axis=1)]
             if wins.empty: out[d][lvl] = None; continue
-            (k, lam) = max(wins.index, key=lambda i: (wins.loc[i, lvl], -abs(i[1])))
-            out[d][lvl] = {kk: (float(lam) if kk == k else 0.0) for kk in knobs_}
+            ranked = [{kk: (float(lam) if kk == k else 0.0) for kk in knobs_}  # highest share first, nearest 0 on a tie
+                      for k, lam in sorted(wins.index, key=lambda i: (-wins.loc[i, lvl], abs(i[1])))]
+            out[d][lvl] = next((s for s in ranked if accept(d, lvl, s)), ranked[0]) if accept else ranked[0]
     return out
 
 # %% ../nbs/07_sweep.ipynb #eab16d63
