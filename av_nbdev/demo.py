@@ -24,7 +24,7 @@ from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy
 from .scoring import well_formed
-from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, dial_schedule, targets_for, spectrum_summary, plot_spectrum,
+from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, dial_schedule, targets_for, Dials, spectrum_summary, plot_spectrum,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
                            save_figure, dial_settings, plurality, share_matrix, evaluate, target_score,
                            sweep_levels, dial_levels, is_dial, mean_level, mean_level_leakage)
@@ -54,6 +54,8 @@ class DemoConfig:
     anchored:bool = False # Also train anchored vectors (3 more DPO models, ~1 min); they then drive the multidomain search
     dial_vectors:bool = False # Also a generic-preferring DPO model per domain (3 more): each domain's two-vector dial, measured (`dial_study`)
     dial_grid:tuple = tuple(i / 4 for i in range(13)) # Dial positions 0, 0.25, …, 3 of the two-vector dials
+    dial_probes:tuple = (-1.0, 1.0, 2.0, 3.0) # Dial positions the multidomain search probes, each dial alone
+    dial_candidates:tuple = tuple(i / 4 for i in range(-4, 13)) # Dial positions it solves the targets over (−1 … 3)
     leak_lams:tuple = (1.0, 2.0) # λ values at which leakage is reported
     transfer_grid:tuple = (0.0, 1.0, 2.0, 3.0) # λ values applied to the pretrain-only checkpoint (tiny model only)
     real_pairs:int = 64 # DPO pairs per domain when the base is a real model (`run_demo(model=...)`)
@@ -276,16 +278,24 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
         rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc, **{f"lam_{k}": v for k, v in lam.items()}})
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
     n = len(tune) + len(report)
-    count = lambda col: int(measured[col].fillna(False).astype(bool).sum()) if len(measured) else 0
+    count = lambda col, t=None: int((measured if t is None else t)[col].fillna(False).astype(bool).sum()) if len(measured if t is None else t) else 0
     levels = measure_dial(knobs, tok, report, settings)
+    dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
+    def search():
+        best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1, targets=targets)
+        return n_search, *measure_targets(dials, tok, best, report)
+    (n_search, found, n_found), secs = _timed(search)
     return {"knots": {d: [[s, lam] for s, lam in kn] for d, kn in knots.items()}, "grid": list(cfg.dial_grid),
             "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")), "positions": positions, "settings": settings,
             "levels": levels["reached"], "leakage": levels["leakage"], "well_formed": well,
             "tune_well_formed": {d: {str(s): v for (dd, s), v in checked.items() if dd == d} for d in scheds}, "targets": _records(measured),
             "targets_settable": len(rows), "targets_reached": count("reached"), "targets_tune_reached": count("tune_reached"),
             "targets_reached_seen": count("reached_seen"), "targets_reached_unseen": count("reached_unseen"),
+            "search_probes": list(cfg.dial_probes), "search": {"evaluations": n_search, "report_evaluations": n_found, "seconds": secs, "targets": _records(found),
+                       **{k: count(k, found) for k in ("reached", "tune_reached", "reached_seen", "reached_unseen")}},
             "evaluations": {"calibration": len(cfg.dial_grid) * len(tune) / n, "targets_tuning": len(rows) * len(tune) / n,
-                            "targets_report": n_report * len(report) / n}}
+                            "targets_report": n_report * len(report) / n, "search_tuning": n_search * len(tune) / n,
+                            "search_report": n_found * len(report) / n}}
 
 def dial_study_targets(study:dict, # From `dial_study_stage`
                       )->list: # One row per settable target: target, lambdas (every knob), reached, accuracy (reporting half)
@@ -615,7 +625,10 @@ def _dial_study_md(ds:dict)->list:
             f"The 27 targets, each domain's dial turned to its level independently: {ds['targets_reached']} reached on the reporting half "
             f"(seen topics {ds['targets_reached_seen']}, unseen {ds['targets_reached_unseen']}; tuning half {ds['targets_tune_reached']}); "
             f"{ds['targets_settable']} settable (every level found on the tuning half). Evaluations: "
-            + ", ".join(f"{k} {v:.1f}" for k, v in ds["evaluations"].items()) + ".", ""] + ([
+            + ", ".join(f"{k} {v:.1f}" for k, v in ds["evaluations"].items()) + ".", "",
+            f"The probe–solve–verify search over the dial positions (each dial probed alone at {json.dumps(ds['search_probes'])}, "
+            f"{ds['search']['evaluations']} passes over the tuning half): {ds['search']['reached']} of 27 reached on the reporting half "
+            f"(seen topics {ds['search']['reached_seen']}, unseen {ds['search']['reached_unseen']}; tuning half {ds['search']['tune_reached']}).", ""] + ([
             f"On the {h['records']} hand-written queries: dial levels reached " +
             "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
             f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""] if (h := ds.get("handwritten")) else [])
@@ -640,7 +653,8 @@ def summary_text(report:dict, out:Path)->str:
     if report.get("dial_study"):
         ds = report["dial_study"]
         lines += ["  two-vector dials (reporting half): " + ", ".join(f"{k} {'a dial' if v['is_dial'] else 'no dial'}" for k, v in ds["dial_check"].items())
-                  + f"; targets set dial by dial {ds['targets_reached']}/27"]
+                  + f"; targets set dial by dial {ds['targets_reached']}/27, by the search over dial positions {ds['search']['reached']}/27"
+                  f" in {ds['search']['evaluations']} evaluations"]
     if report["retrain"]:
         lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
     lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]

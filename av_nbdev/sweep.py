@@ -5,7 +5,7 @@ transfer comparisons: the paper's claims measured, as tidy tables and seaborn pl
 
 # %% ../nbs/07_sweep.ipynb #40e6e30e
 from __future__ import annotations
-import itertools, time
+import contextlib, itertools, time
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ from .scoring import preference_table, table_levels, generate_answers, answer_pr
 # %% auto #0
 __all__ = ['GRID', 'LEVEL_COLORS', 'TARGETS', 'sample_records', 'split_halves', 'evaluate', 'share_matrix', 'knob_domains',
            'lambda_sweep', 'sweep_part', 'sweep_levels', 'spectrum_summary', 'dial_settings', 'plurality',
-           'dial_levels', 'is_dial', 'dial_schedule', 'mean_level', 'mean_level_leakage', 'save_figure',
+           'dial_levels', 'is_dial', 'dial_schedule', 'mean_level', 'mean_level_leakage', 'Dials', 'save_figure',
            'plot_spectrum', 'plot_level_lines', 'leakage_matrix', 'leakage_ratio', 'plot_leakage', 'targets_for',
            'target_score', 'grid_search', 'probe_curves', 'surrogate_shares', 'surrogate_search', 'measure_targets',
            'retrain_target']
@@ -242,6 +242,25 @@ def mean_level_leakage(before:pd.DataFrame, # `share_matrix` at the start settin
     shift = mean_level(after) - mean_level(before)
     own, off = shift[domain], shift.drop(domain).abs().max()
     return float(own / off) if off > 0 else (float("inf") if own > 0 else float("nan"))
+
+# %% ../nbs/07_sweep.ipynb #f2bf992c
+class Dials:
+    "Dials over `Knobs`, one scalar per domain mapped to its knobs' λs; knob-like (`lambdas`, `meta`, `model`, `using`) for the searches."
+    def __init__(self, knobs, # `Knobs` holding every vector the dials move
+                 schedules:dict, # dial name -> (its domain, s -> {knob: λ}) (`dial_schedule`)
+                ):
+        self.knobs, self.schedules, self.model = knobs, schedules, knobs.model
+        self.lambdas = {n: 0.0 for n in schedules}  # every dial at 0 between evaluations
+        self.meta = {n: {"domain": d} for n, (d, _) in schedules.items()}
+
+    def settings(self, **positions:float)->dict:
+        "Every knob's λ with the dials at `positions` (the others at 0)."
+        return {k: v for n, s in (self.lambdas | positions).items() for k, v in self.schedules[n][1](float(s)).items()}
+
+    @contextlib.contextmanager
+    def using(self, **positions:float):
+        "The knobs set for the dials at `positions`, restored afterwards."
+        with self.knobs.using(**self.settings(**positions)): yield self
 
 # %% ../nbs/07_sweep.ipynb #f41a7317
 LEVEL_COLORS = {"avoidance": "#c44e52", "generic": "#8c8c8c", "expert": "#4c72b0", "malformed": "#dd8452"}
