@@ -526,7 +526,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     report["handwritten"] = res["handwritten"]
-    if "dial_study" in res: report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"]}
+    if "dial_study" in res:  # with what the panel's two-vector dials need (`KnobPanel.from_report(..., dials="two-vector")`)
+        report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": dial_study_targets(res["dial_study"]),
+                                                    "knobs": {f"{d}-{KINDS[k][1]}": {"vector": report_path(vector_file(out, k, d), out), "domain": d,
+                                                                                     "level": KINDS[k][1]} for d in DOMAINS for k in ("generic", "plain")}}
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))

@@ -151,12 +151,17 @@ class KnobPanel:
                     knobs, # A `Knobs` holding the report's vectors (its `knobs` key names them)
                     tokenizer, # The model's tokenizer
                     report:str|Path, # An `av demo` report.json
+                    dials:str="plain", # "plain": its `dial` and `multidomain.best`; "two-vector": its `dial_study` (`av demo --dial`)
                     **kwargs, # Passed to `KnobPanel` (queries, judge, records, ...)
                    )->KnobPanel:
-        "A panel whose dials come from the report's `dial` and whose target menu from its `multidomain.best`."
+        "A panel whose dials and target menu come from a report: the plain knobs' (`dial`, `multidomain.best`) or the two-vector dials'."
         path = Path(report)
         try: rep = json.loads(path.read_text())
         except (OSError, ValueError) as e: raise AVError(f"{path}: cannot read the report ({e})") from None
+        if dials == "two-vector":
+            if "dial_study" not in rep: raise AVError(f"{path}: no 'dial_study' key (run `av demo --dial`)")
+            return cls(knobs, tokenizer, dial=rep["dial_study"]["settings"], targets=rep["dial_study"]["best"], **kwargs)
+        if dials != "plain": raise AVError(f"dials={dials!r}: 'plain' or 'two-vector'")
         if "dial" not in rep: raise AVError(f"{path}: no 'dial' key (an `av demo` report has one)")
         return cls(knobs, tokenizer, dial=rep["dial"], targets=(rep.get("multidomain") or {}).get("best"), **kwargs)
 
