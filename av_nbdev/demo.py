@@ -88,7 +88,8 @@ def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:boo
     return tiny_pipelines((False,), cache, domains=(), seed=cfg.seed, workers=workers, progress=progress,
                           refresh=("pretrain", "base") if fresh else ())[False]
 
-KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"), "generic": (False, "generic")}  # kind -> (anchoring pairs, preferred level)
+KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"),  # kind -> (anchoring pairs, preferred level)
+         "generic": (False, "generic"), "generic_anchored": (True, "generic")}
 
 def vector_file(out:Path, kind:str, domain:str)->Path:
     "Where the report keeps the vector of `domain` of a kind (`KINDS`): `out/vectors/<domain>-<level>[-anchored].safetensors`."
@@ -102,7 +103,7 @@ def _extract(base:Path, aligned:Path, f:Path, domain:str, kind:str, dtype:str)->
     return f
 
 def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, fresh:bool=False)->str:
-    "One tiny DPO model of a kind (`KINDS`: plain, anchored, generic), trained or reused in `cache`, and its vector in the report; the model's folder."
+    "One tiny DPO model of a kind (`KINDS`), trained or reused in `cache`, and its vector in the report; the model's folder."
     anchor, level = KINDS[kind]
     p = tiny_pipelines((anchor,), cache, domains=(domain,), level=level, seed=seed, progress=False,
                        refresh=("dpo",) if fresh else ())[anchor]
@@ -432,7 +433,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if model is None: torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
-    kinds = ("plain",) + (("anchored",) if cfg.anchored else ()) + (("generic",) if cfg.dial_vectors else ())
+    gen_kind = "generic_anchored" if cfg.anchored else "generic"  # the dials use the vectors the multidomain search uses
+    kinds = ("plain",) + (("anchored",) if cfg.anchored else ()) + ((gen_kind,) if cfg.dial_vectors else ())
     from av_nbdev.core import cache_dir
     if model is None:  # pretrain and SFT here, then one stage per DPO model
         cache = Path(cache or cache_dir()/"tiny")
@@ -475,10 +477,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                                 dial_of(r), target_settings(r["surrogate"])),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]), vec(md_kind))))
     if cfg.dial_vectors:
-        dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in ("generic", "plain")}
-        jobs["dial_study"] = stage("dial_study_stage", ("plain", "generic"), (base, dial_files, tune, report_half, c), parts)
+        dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in (gen_kind, md_kind)}
+        jobs["dial_study"] = stage("dial_study_stage", (md_kind, gen_kind), (base, dial_files, tune, report_half, c), parts)
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
-            stage_key(asdict(cfg), data_key, names(r, ("plain", "generic")), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
+            stage_key(asdict(cfg), data_key, names(r, (md_kind, gen_kind)), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
             "handwritten_check", (base, dial_files, r["dial_study"]["settings"], dial_study_targets(r["dial_study"]))))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
@@ -529,7 +531,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if "dial_study" in res:  # with what the panel's two-vector dials need (`KnobPanel.from_report(..., dials="two-vector")`)
         report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": dial_study_targets(res["dial_study"]),
                                                     "knobs": {f"{d}-{KINDS[k][1]}": {"vector": report_path(vector_file(out, k, d), out), "domain": d,
-                                                                                     "level": KINDS[k][1]} for d in DOMAINS for k in ("generic", "plain")}}
+                                                                                     "level": KINDS[k][1]} for d in DOMAINS for k in (gen_kind, md_kind)},
+                                                    "vectors": "anchored" if cfg.anchored else "plain"}
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))
@@ -619,8 +622,9 @@ def _dial_study_md(ds:dict)->list:
              "share": v and v["share"], "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
              "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l]}
             for d, lv in ds["levels"].items() for l, v in lv.items()]
-    return ["## Two-vector dials (generic vector up, then expert on top)", "",
-            "Each level's dial position chosen on the tuning half, measured on the reporting half (greedy answers: both halves):", "",
+    return [f"## Two-vector dials (generic vector up, then expert on top; {ds.get('vectors', 'plain')} vectors)", "",
+            "Each level's dial position chosen on the tuning half, measured on the reporting half (well-formed: greedy answers to the "
+            "domain's queries of both halves):", "",
             md_table(pd.DataFrame(rows)), "",
             "A dial along the positions (reporting half / tuning half): " +
             "; ".join(f"{k} {v['is_dial']} / {v.get('is_dial_tune')}" for k, v in ds["dial_check"].items()) + ". Leakage ratio on the "
