@@ -32,11 +32,11 @@ from .baselines import compare_baselines
 
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage',
-           'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage', 'search_stage',
-           'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots', 'dial_study_stage', 'dial_study_targets',
-           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
-           'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
-           'results_table', 'readme_section', 'update_readme']
+           'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage',
+           'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots',
+           'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
+           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
+           'summary_text', 'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -158,6 +158,12 @@ def sweep_stage(base:Path, # Checkpoint the knobs act on
     return _records(pd.concat([lambda_sweep(knobs, tok, sample, k, grid=grid or cfg.grid, judge=judge, cross_lams=cross,
                                             n_generate=cfg.n_generate if judged else 0, parts=parts) for k in vectors], ignore_index=True))
 
+def reached_counts(rows:pd.DataFrame, # Target rows measured by `sweep.measure_targets`
+                  )->dict: # reached (reporting half), tune_reached, reached_seen, reached_unseen
+    "How many targets are reached: on the reporting half (pooled, on seen and on unseen topics) and on the tuning half."
+    return {c: int(rows[c].fillna(False).astype(bool).sum()) if len(rows) else 0
+            for c in ("reached", "tune_reached", "reached_seen", "reached_unseen")}
+
 def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve, verify)
                  base:Path, vectors:dict, # As for `sweep_stage`
                  tune:list, # Held-out records the search evaluates (the tuning half)
@@ -172,10 +178,7 @@ def search_stage(search:str, # "grid" (the paper's) or "surrogate" (probe, solve
         best, n = (grid_search if search == "grid" else surrogate_search)(knobs, tok, tune, **kw)
         return n, *measure_targets(knobs, tok, best, report)
     (n, best, n_report), secs = _timed(run)
-    count = lambda col: int(best[col].fillna(False).astype(bool).sum())
-    return {"best": _records(best), "evaluations": n, "report_evaluations": n_report, "seconds": secs,
-            "reached": count("reached"), "tune_reached": count("tune_reached"),
-            "reached_seen": count("reached_seen"), "reached_unseen": count("reached_unseen"),
+    return {"best": _records(best), "evaluations": n, "report_evaluations": n_report, "seconds": secs, **reached_counts(best),
             "mean_accuracy_reached": float(best[best.reached].accuracy.mean()) if best.reached.any() else 0.0}
 
 def _dial_levels_of(sweep:pd.DataFrame)->dict:
@@ -279,7 +282,6 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
         rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc, **{f"lam_{k}": v for k, v in lam.items()}})
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
     n = len(tune) + len(report)
-    count = lambda col, t=None: int((measured if t is None else t)[col].fillna(False).astype(bool).sum()) if len(measured if t is None else t) else 0
     levels = measure_dial(knobs, tok, report, settings)
     dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
     def search():
@@ -290,20 +292,12 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
             "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")), "positions": positions, "settings": settings,
             "levels": levels["reached"], "leakage": levels["leakage"], "well_formed": well,
             "tune_well_formed": {d: {str(s): v for (dd, s), v in checked.items() if dd == d} for d in scheds}, "targets": _records(measured),
-            "targets_settable": len(rows), "targets_reached": count("reached"), "targets_tune_reached": count("tune_reached"),
-            "targets_reached_seen": count("reached_seen"), "targets_reached_unseen": count("reached_unseen"),
+            "targets_settable": len(rows), **{f"targets_{k}": v for k, v in reached_counts(measured).items()},
             "search_probes": list(cfg.dial_probes), "search": {"evaluations": n_search, "report_evaluations": n_found, "seconds": secs, "targets": _records(found),
-                       **{k: count(k, found) for k in ("reached", "tune_reached", "reached_seen", "reached_unseen")}},
+                       **reached_counts(found)},
             "evaluations": {"calibration": len(cfg.dial_grid) * len(tune) / n, "targets_tuning": len(rows) * len(tune) / n,
                             "targets_report": n_report * len(report) / n, "search_tuning": n_search * len(tune) / n,
                             "search_report": n_found * len(report) / n}}
-
-def dial_study_targets(study:dict, # From `dial_study_stage`
-                      )->list: # One row per settable target: target, lambdas (every knob), reached, accuracy (reporting half)
-    "The two-vector dials' targets as `target_settings` lists a search's."
-    return [{"target": {k[7:]: v for k, v in r.items() if k.startswith("target_")},
-             "lambdas": {k[4:]: v for k, v in r.items() if k.startswith("lam_")}, "reached": bool(r["reached"]), "accuracy": r["accuracy"]}
-            for r in study["targets"]]
 
 def _well_formed_at(knobs, tokenizer, queries:list, lam:dict)->float:
     "Share of greedy answers to `queries` that are well-formed with the knobs at `lam` (others 0)."
@@ -382,11 +376,12 @@ def baselines_stage(paths:dict, # The base and one plain DPO model per domain
     cfg = _config(cfg)
     return compare_baselines({k: Path(v) for k, v in paths.items()}, per_domain=cfg.baseline_per_domain, seed=cfg.seed)
 
-def target_settings(search:dict, # From `search_stage`
-                   )->list: # One row per target: target, lambdas, reached, accuracy
-    "A multidomain search's best setting per target, as `report.json` lists it."
-    return [{"target": {d: r[f"target_{d}"] for d in DOMAINS}, "lambdas": {d: r[f"lam_{d}"] for d in DOMAINS},
-             "reached": bool(r["reached"]), "accuracy": r["accuracy"]} for r in search["best"]]
+def target_settings(rows:list, # Target rows (`target_<domain>`, `lam_<knob>`, reached, accuracy): a search's `best`, a dial study's `targets`
+                   )->list: # One row per target: target ({domain: level}), lambdas ({knob: λ}), reached, accuracy
+    "Each target's setting as `report.json` lists it, for any domains and knobs."
+    return [{"target": {k[7:]: v for k, v in r.items() if k.startswith("target_")},
+             "lambdas": {k[4:]: v for k, v in r.items() if k.startswith("lam_")}, "reached": bool(r["reached"]), "accuracy": r["accuracy"]}
+            for r in rows]
 
 HANDWRITTEN = "handwritten.jsonl"  # hand-written held-out queries beside the dataset (never trained or tuned on)
 
@@ -474,14 +469,14 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
     jobs["handwritten"] = (("sweep", "surrogate"),
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
-                                                dial_of(r), target_settings(r["surrogate"])),
-                                      "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]), vec(md_kind))))
+                                                dial_of(r), target_settings(r["surrogate"]["best"])),
+                                      "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in (gen_kind, md_kind)}
         jobs["dial_study"] = stage("dial_study_stage", (md_kind, gen_kind), (base, dial_files, tune, report_half, c), parts)
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
             stage_key(asdict(cfg), data_key, names(r, (md_kind, gen_kind)), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
-            "handwritten_check", (base, dial_files, r["dial_study"]["settings"], dial_study_targets(r["dial_study"]))))
+            "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]))))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -524,12 +519,12 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
                "dial": dial_of(res), "dial_check": dial_check(sweep_part(swept, "report"), sweep_part(swept, "tune")),
                "dial_reached": res["dial_report"]["reached"], "leakage_mean_level": res["dial_report"]["leakage"]}
-    report["multidomain"]["best"] = target_settings(surr)
+    report["multidomain"]["best"] = target_settings(surr["best"])
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     report["handwritten"] = res["handwritten"]
     if "dial_study" in res:  # with what the panel's two-vector dials need (`KnobPanel.from_report(..., dials="two-vector")`)
-        report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": dial_study_targets(res["dial_study"]),
+        report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": target_settings(res["dial_study"]["targets"]),
                                                     "knobs": {f"{d}-{KINDS[k][1]}": {"vector": report_path(vector_file(out, k, d), out), "domain": d,
                                                                                      "level": KINDS[k][1]} for d in DOMAINS for k in (gen_kind, md_kind)},
                                                     "vectors": "anchored" if cfg.anchored else "plain"}

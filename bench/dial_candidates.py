@@ -28,7 +28,7 @@ import pandas as pd
 import torch
 
 from av_nbdev.data import dpo_pairs
-from av_nbdev.sweep import dial_schedule
+from av_nbdev.sweep import dial_schedule, is_dial, mean_level, mean_level_leakage, plurality, share_matrix, split_halves
 
 LEVELS = ("avoidance", "generic", "expert")
 DOMAINS = ("medical", "legal", "financial")
@@ -38,15 +38,9 @@ WINNER = "perlevel_ga_anchor1_s240"  # the candidate the measurements below favo
 
 # ----------------------------------------------------------------------------------------------------------------- data
 def halves(test:list, seed:int=0)->dict:
-    "Tuning and reporting halves of the held-out records, stratified by domain and seen/unseen topic."
-    rng, out = np.random.default_rng(seed), {"tune": [], "report": []}
-    for d in DOMAINS:
-        for unseen in (False, True):
-            rs = [r for r in test if r["domain"] == d and bool(r["heldout_topic"]) == unseen]
-            order = rng.permutation(len(rs))
-            for j, i in enumerate(order): out["tune" if j % 2 == 0 else "report"].append(rs[i])
-    key = {r["id"]: i for i, r in enumerate(test)}
-    return {k: sorted(v, key=lambda r: key[r["id"]]) for k, v in out.items()}
+    "Tuning and reporting halves of the held-out records (`sweep.split_halves`: stratified by domain and seen/unseen topic)."
+    tune, report = split_halves(test, seed)
+    return {"tune": tune, "report": report}
 
 
 # ------------------------------------------------------------------------------------------------------------- training
@@ -159,29 +153,10 @@ def monotone(sched, grid)->bool:
     return bool(all(lams[c].is_monotonic_increasing or lams[c].is_monotonic_decreasing for c in lams))
 
 
-def plurality(row:pd.Series)->str|None:
-    "The strict plurality level of a share row (None on a tie)."
-    top = row.max()
-    return row.idxmax() if (row == top).sum() == 1 else None
-
-
-def is_dial(seq:list)->bool:
-    "Pluralities along the grid go avoidance → generic → expert (never back), each level ≥ 2 consecutive points."
-    runs = [(k, len(list(g))) for k, g in itertools.groupby(seq)]
-    order = [k for k, _ in runs if k is not None]
-    if [k for k, _ in itertools.groupby(order)] != list(LEVELS): return False
-    return all(max(n for k, n in runs if k == lvl) >= 2 for lvl in LEVELS)
-
-
 def shares(table:pd.DataFrame, domain:str|None=None)->pd.Series:
     "Share preferring each level among the table's rows (of one domain)."
     t = table if domain is None else table[table.domain == domain]
     return t.preferred.value_counts(normalize=True).reindex(list(LEVELS), fill_value=0.0)
-
-
-def mean_level(table:pd.DataFrame, domain:str)->float:
-    t = table[table.domain == domain]
-    return float(t.preferred.map({l: i for i, l in enumerate(LEVELS)}).mean())
 
 
 class Bench:
@@ -236,7 +211,7 @@ def calibrate_dial(b:Bench, domain:str, sched, grid, n_wf:int=16, min_wf:float=0
             wf = checked.setdefault(r.s, b.well_formed(sched(r.s), qs))
             if wf >= min_wf: settings[lvl] = float(r.s); break
     return {"sweep": df, "settings": settings, "tune_well_formed": {str(k): v for k, v in checked.items()},
-            "dial_tune": is_dial(list(tune.plurality)), "dial_report": is_dial(list(df[df.part == "report"].plurality))}
+            "dial_tune": is_dial(list(tune.plurality), LEVELS), "dial_report": is_dial(list(df[df.part == "report"].plurality), LEVELS)}
 
 
 def report_levels(b:Bench, domain:str, sched, settings:dict)->dict:
@@ -256,11 +231,9 @@ def report_levels(b:Bench, domain:str, sched, settings:dict)->dict:
 def leakage(b:Bench, domain:str, sched, s_expert:float|None, part:str="report")->dict:
     "Leakage ratio of the mean level from s=0 to the expert setting, on every domain of a half."
     if s_expert is None: return {"leakage_ratio": None, "shifts": None}
-    t0, t1 = b.table(sched(0.0), part), b.table(sched(s_expert), part)
-    shifts = {d: mean_level(t1, d) - mean_level(t0, d) for d in DOMAINS}
-    off = max(abs(v) for d, v in shifts.items() if d != domain)
-    ratio = float("inf") if off == 0 else shifts[domain] / off
-    return {"leakage_ratio": ratio, "shifts": shifts, "expert_share": float(shares(t1, domain)["expert"])}
+    t0, t1 = share_matrix(b.table(sched(0.0), part)), share_matrix(b.table(sched(s_expert), part))
+    shifts = (mean_level(t1) - mean_level(t0)).to_dict()
+    return {"leakage_ratio": mean_level_leakage(t0, t1, domain), "shifts": shifts, "expert_share": float(t1.loc[domain, "expert"])}
 
 
 # ---------------------------------------------------------------------------------------------------------- multidomain
