@@ -34,9 +34,10 @@ from .baselines import compare_baselines
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage',
            'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage',
            'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots',
-           'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
-           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
-           'summary_text', 'results_table', 'readme_section', 'update_readme']
+           'two_vector_dials', 'choose_dial_positions', 'targets_by_dials', 'dial_study_stage', 'retrain_targets',
+           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
+           'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
+           'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -246,6 +247,45 @@ def dial_knots(generic:str, # The domain's generic-preferring knob
 
 def _ids(records:list)->list: return [r["id"] for r in records]
 
+def _own_queries(records:list, domain:str)->list: return [r["query"] for r in records if r["domain"] == domain]
+
+def two_vector_dials(knobs, # `Knobs` with one generic- and one expert-preferring vector per domain (metadata `domain`, `level`)
+                    )->dict: # domain -> `dial_knots`
+    "Each domain's dial, its knobs found by their vectors' metadata, never by name."
+    by_domain = {}  # domain -> level -> knob
+    for k, m in knobs.meta.items(): by_domain.setdefault(m["domain"], {})[m["level"]] = k
+    return {d: dial_knots(ks["generic"], ks["expert"]) for d, ks in by_domain.items()}
+
+def choose_dial_positions(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
+                          scheds:dict, # domain -> `dial_schedule`
+                          tune:list, report:list, # The halves: positions are chosen on `tune`; both are swept
+                          grid:tuple, # Dial positions swept
+                          min_well_formed:float, # A chosen position keeps this share of greedy answers to the domain's tuning queries well-formed
+                         )->tuple: # (sweep of both halves, domain -> level -> {"<domain> dial": s} or None, {(domain, s): well-formed share})
+    "Each dial swept on its own domain (both halves at once), each level's position chosen on the tuning half."
+    parts = {"tune": _ids(tune), "report": _ids(report)}
+    sw = pd.concat([lambda_sweep(knobs, tokenizer, tune + report, f"{d} dial", grid=grid, dial=s, cross_lams=(), parts=parts)
+                    for d, s in scheds.items()], ignore_index=True)
+    checked = {}  # (domain, s) -> well-formed share of greedy answers to the domain's tuning queries
+    def well_formed_enough(d, lvl, pos):
+        key = (d, pos[f"{d} dial"])
+        if key not in checked: checked[key] = float(_well_formed_at(knobs, tokenizer, _own_queries(tune, d), scheds[d](key[1])))
+        return checked[key] >= min_well_formed
+    return sw, dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough), checked
+
+def targets_by_dials(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
+                     settings:dict, # domain -> level -> {knob: λ} or None (not found on the tuning half)
+                     tune:list, # The tuning half
+                    )->list: # One row per settable target: target_<domain>, reached, accuracy (tuning half), lam_<knob>
+    "Every target whose levels the dials reach, set by turning each domain's dial to its level independently (no search)."
+    rows = []
+    for t in targets_for(tuple(settings), LEVELS):
+        if any(settings[d][l] is None for d, l in t.items()): continue  # a level the dial does not reach on the tuning half
+        lam = {k: v for d, l in t.items() for k, v in settings[d][l].items()}
+        reached, acc = target_score(share_matrix(evaluate(knobs, tokenizer, tune, **lam)), t)
+        rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc, **{f"lam_{k}": v for k, v in lam.items()}})
+    return rows
+
 def dial_study_stage(base:Path, # Checkpoint the knobs act on
                      vectors:dict, # knob -> vector file: one generic- and one expert-preferring vector per domain (metadata `domain`, `level`)
                      tune:list, # Held-out records the dials' settings are chosen on
@@ -256,38 +296,22 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     "Each domain's two-vector dial: swept, chosen on the tuning half, measured on the reporting half; the 27 targets set dial by dial."
     cfg = _config(cfg)
     knobs, tok = _knobs(base, vectors)
-    by_domain = {}  # domain -> level -> knob, from the vectors' metadata
-    for k, m in knobs.meta.items(): by_domain.setdefault(m["domain"], {})[m["level"]] = k
-    knots = {d: dial_knots(ks["generic"], ks["expert"]) for d, ks in by_domain.items()}
+    knots = two_vector_dials(knobs)
     scheds = {d: dial_schedule(kn) for d, kn in knots.items()}
-    parts = {"tune": _ids(tune), "report": _ids(report)}
-    sw = pd.concat([lambda_sweep(knobs, tok, tune + report, f"{d} dial", grid=cfg.dial_grid, dial=s, cross_lams=(), parts=parts)
-                    for d, s in scheds.items()], ignore_index=True)
-    own = lambda recs, d: [r["query"] for r in recs if r["domain"] == d]
-    checked = {}  # (domain, s) -> well-formed share of greedy answers to the domain's tuning queries
-    def well_formed_enough(d, lvl, pos):
-        key = (d, pos[f"{d} dial"])
-        if key not in checked: checked[key] = float(_well_formed_at(knobs, tok, own(tune, d), scheds[d](key[1])))
-        return checked[key] >= min_well_formed
-    positions = dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough)  # domain -> level -> {"<domain> dial": s} or None
+    sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed)
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
-    well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, own(tune + report, d), lam)) for l, lam in lv.items()}
+    well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, _own_queries(tune + report, d), lam)) for l, lam in lv.items()}
             for d, lv in settings.items()}  # the reported share: every sampled query of the domain
-    targets = targets_for(tuple(settings), LEVELS)
-    rows = []
-    for t in targets:
-        if any(settings[d][l] is None for d, l in t.items()): continue  # a level the dial does not reach on the tuning half
-        lam = {k: v for d, l in t.items() for k, v in settings[d][l].items()}
-        reached, acc = target_score(share_matrix(evaluate(knobs, tok, tune, **lam)), t)
-        rows.append({**{f"target_{d}": l for d, l in t.items()}, "reached": reached, "accuracy": acc, **{f"lam_{k}": v for k, v in lam.items()}})
+    rows = targets_by_dials(knobs, tok, settings, tune)
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
-    n = len(tune) + len(report)
     levels = measure_dial(knobs, tok, report, settings)
     dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
     def search():
-        best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1, targets=targets)
+        best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1,
+                                          targets=targets_for(tuple(settings), LEVELS))
         return n_search, *measure_targets(dials, tok, best, report)
     (n_search, found, n_found), secs = _timed(search)
+    n = len(tune) + len(report)
     return {"knots": {d: [[s, lam] for s, lam in kn] for d, kn in knots.items()}, "grid": list(cfg.dial_grid),
             "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")), "positions": positions, "settings": settings,
             "levels": levels["reached"], "leakage": levels["leakage"], "well_formed": well,
