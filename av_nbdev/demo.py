@@ -275,11 +275,12 @@ def choose_dial_positions(knobs, tokenizer, # `Knobs` over the model, and its to
 
 def targets_by_dials(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                      settings:dict, # domain -> level -> {knob: λ} or None (not found on the tuning half)
+                     targets:list, # {domain: level} each (`sweep.targets_for`)
                      tune:list, # The tuning half
                     )->list: # One row per settable target: target_<domain>, reached, accuracy (tuning half), lam_<knob>
     "Every target whose levels the dials reach, set by turning each domain's dial to its level independently (no search)."
     rows = []
-    for t in targets_for(tuple(settings), LEVELS):
+    for t in targets:
         if any(settings[d][l] is None for d, l in t.items()): continue  # a level the dial does not reach on the tuning half
         lam = {k: v for d, l in t.items() for k, v in settings[d][l].items()}
         reached, acc = target_score(share_matrix(evaluate(knobs, tokenizer, tune, **lam)), t)
@@ -302,13 +303,13 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
     well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, _own_queries(tune + report, d), lam)) for l, lam in lv.items()}
             for d, lv in settings.items()}  # the reported share: every sampled query of the domain
-    rows = targets_by_dials(knobs, tok, settings, tune)
+    targets = targets_for(tuple(settings), LEVELS)
+    rows = targets_by_dials(knobs, tok, settings, targets, tune)
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
     levels = measure_dial(knobs, tok, report, settings)
     dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
     def search():
-        best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1,
-                                          targets=targets_for(tuple(settings), LEVELS))
+        best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1, targets=targets)
         return n_search, *measure_targets(dials, tok, best, report)
     (n_search, found, n_found), secs = _timed(search)
     n = len(tune) + len(report)
