@@ -56,17 +56,18 @@ def sample_pairs(records:list, # Records in the data schema
 
 # %% ../nbs/11_real.ipynb #799b3bd5
 def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress, refresh=False)->Path:
-    key = short_hash("real-dpo", base.name, ident, records_hash(data["train"]), records_hash(data["test"]), domain,
-                     level, n_pairs, n_heldout, dataclasses.asdict(cfg), freeze, av_nbdev.__version__)
+    train_pairs = sample_pairs(data["train"], domain, level, n_pairs, cfg.seed)
+    heldout_pairs = sample_pairs(data["test"], domain, level, n_heldout, cfg.seed)
+    key = short_hash("real-dpo", base.name, ident, records_hash(train_pairs), records_hash(heldout_pairs), domain,
+                     level, dataclasses.asdict(cfg), freeze, av_nbdev.__version__)  # keyed on the pairs it trains and scores on
     def build(out):
         reference, tok = load_model(base, device=device, dtype=torch.float32)
         policy, _ = load_model(base, device=device, dtype=torch.float32)
         counts = freeze_embeddings_(policy) if freeze else param_counts(policy)
         t0 = time.perf_counter()
-        log = dpo(policy, reference, tok, sample_pairs(data["train"], domain, level, n_pairs, cfg.seed), cfg, progress=progress)
+        log = dpo(policy, reference, tok, train_pairs, cfg, progress=progress)
         secs = time.perf_counter() - t0
-        held = reward_accuracy(policy, reference, tok, sample_pairs(data["test"], domain, level, n_heldout, cfg.seed),
-                               beta=cfg.beta)
+        held = reward_accuracy(policy, reference, tok, heldout_pairs, beta=cfg.beta)
         metrics = {"domain": domain, "level": level, "n_pairs": n_pairs, "steps": len(log), "seconds": secs,
                    "seconds_per_step": secs / len(log), "freeze_embeddings": freeze, **counts,
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),

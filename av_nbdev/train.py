@@ -22,8 +22,8 @@ from .stages import records_hash, write_json, write_csv, run_jobs, threads
 
 # %% auto #0
 __all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig',
-           'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline',
-           'pipeline_metrics']
+           'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records', 'build_pairs',
+           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -78,14 +78,15 @@ def train_loop(model, # Model to train in place
     model.train()
     bar = tqdm(range(cfg.steps), desc=desc, disable=not progress, leave=False)
     try:
-        for step in bar:
-            lr = opt.param_groups[0]["lr"]
-            stats = step_fn(_micro(next(batches), cfg.grad_accum))
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
-            rows.append({"step": step + 1, "lr": lr, **stats, "seconds": time.perf_counter() - t0})
-            bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
-            if stop is not None and stop(rows): break
+        with torch.enable_grad():  # trains even where the caller turned gradients off (e.g. a notebook's examples)
+            for step in bar:
+                lr = opt.param_groups[0]["lr"]
+                stats = step_fn(_micro(next(batches), cfg.grad_accum))
+                torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+                opt.step(); sched.step(); opt.zero_grad(set_to_none=True)
+                rows.append({"step": step + 1, "lr": lr, **stats, "seconds": time.perf_counter() - t0})
+                bar.set_postfix({k: f"{v:.3g}" for k, v in stats.items()})
+                if stop is not None and stop(rows): break
     finally: model.eval()
     return pd.DataFrame(rows)
 
@@ -233,6 +234,16 @@ def base_preference(model, # The base model
     "The level whose response `model` finds most likely (mean per-token log-prob), per record."
     return preference_table(model, tokenizer, records, batch_size)["preferred"].tolist()
 
+def anchor_records(records:list, # Training records
+                   domain:str, # Domain to align
+                   level:str, # Preferred level in that domain
+                   anchor_share:float=0.15, # Anchoring queries as a share of the domain's pairs
+                   seed:int=0, # Which other-domain records become anchors
+                  )->list[dict]:
+    "The other domains' records whose queries become anchoring pairs: a seeded sample, `anchor_share` of the domain's pairs."
+    others = [r for r in records if r["domain"] != domain]
+    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level))), seed)
+
 def build_pairs(records:list, # Training records
                 domain:str, # Domain to align
                 level:str, # Preferred level in that domain
@@ -246,8 +257,7 @@ def build_pairs(records:list, # Training records
     pairs = dpo_pairs(records, domain, level)
     if not anchor: return pairs
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
-    others = [r for r in records if r["domain"] != domain]
-    others = seeded_sample(others, round(anchor_share * len(pairs)), seed)
+    others = anchor_records(records, domain, level, anchor_share, seed)
     anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
                for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors
@@ -267,18 +277,19 @@ def _stage_pretrain(root, data, seed, vocab_size, model_cfg, cfg, progress, refr
     return build_once(root/f"pretrain-{key}", build, refresh)
 
 def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress, refresh=False)->Path:
-    key = short_hash("sft", parent.name, records_hash(data["train"]), seed, instruct_share, asdict(cfg))
+    examples = sft_examples(data["train"], instruct_share=instruct_share, seed=seed)
+    key = short_hash("sft", parent.name, records_hash(examples), seed, asdict(cfg))  # keyed on what it trains on
     def build(out):
         model, tok = load_model(parent, dtype=torch.float32)
-        examples = sft_examples(data["train"], instruct_share=instruct_share, seed=seed)
         write_csv(root/f"{out.name}.log.csv", sft(model, tok, examples, cfg, progress=progress))
         return save_checkpoint(model, tok, out, overwrite=True)
     return build_once(root/f"base-{key}", build, refresh)
 
 def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
     "The DPO stage's folder, named by a hash of everything that determines it."
+    anchors = anchor and records_hash(anchor_records(data["train"], domain, level, anchor_share, cfg.seed))  # which queries
     key = short_hash("dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), domain, level,
-                     anchor and anchor_share, n_wellformed, asdict(cfg))
+                     anchor and anchor_share, anchors, n_wellformed, asdict(cfg))
     return root/f"dpo-{domain}-{level}-{key}"
 
 def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False)->Path:
