@@ -126,9 +126,8 @@ def seeded_sample(items:list, # What to draw from
                   k:int, # How many (all when fewer)
                   seed:int=0, # Same seed, same items in the same order
                  )->list:
-    "`k` items drawn without replacement by a seeded permutation (torch's generator: the same on every platform)."
-    g = torch.Generator().manual_seed(seed)
-    return [items[i] for i in torch.randperm(len(items), generator=g)[:k].tolist()]
+    "`k` items drawn without replacement by Python's seeded `random.Random` (the same on every platform and CPU)."
+    return [items[i] for i in random.Random(seed).sample(range(len(items)), min(k, len(items)))]
 
 # %% ../nbs/00_core.ipynb #1d44bce3
 def short_hash(*parts, # JSON-able settings and input hashes

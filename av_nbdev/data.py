@@ -8,7 +8,7 @@ import json, os, random, re, warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .core import AVError, atomic_path, cache_dir
+from .core import AVError, atomic_path, cache_dir, seeded_sample
 
 # %% auto #0
 __all__ = ['DOMAINS', 'LEVELS', 'REQUIRED', 'DEFAULT_SPECTRUM', 'LEVEL_INSTRUCTIONS', 'MEDICAL', 'LEGAL', 'FINANCIAL', 'TOPICS',
@@ -1032,6 +1032,6 @@ def sft_examples(records:list, # Records in the schema
     if not 0 <= instruct_share <= 1: raise AVError(f"instruct_share={instruct_share}: must be between 0 and 1")
     out = [{"query": r["query"], "response": r["responses"][l], "instruction": None, "level": l, "domain": r["domain"]}
            for r in records for l in r["responses"]]
-    for i in random.Random(seed).sample(range(len(out)), round(instruct_share * len(out))):
+    for i in seeded_sample(range(len(out)), round(instruct_share * len(out)), seed):
         out[i]["instruction"] = level_instruction_text(out[i]["level"])
     return out

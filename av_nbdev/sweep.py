@@ -34,12 +34,10 @@ def sample_records(records:list, # Records in the data schema
                    seed:int=0, # Which records: same seed, same sample
                   )->list:
     "A seeded sample of `per_domain` records from each domain, in domain order."
-    rng = np.random.default_rng(seed)
     out = []
-    for d in domains_of(records):
+    for k, d in enumerate(domains_of(records)):
         rs = [r for r in records if r["domain"] == d]
-        keep = sorted(rng.choice(len(rs), size=min(per_domain, len(rs)), replace=False))
-        out += [rs[i] for i in keep]
+        out += [rs[i] for i in sorted(seeded_sample(range(len(rs)), per_domain, seed + k))]  # in file order
     return out
 
 # %% ../nbs/07_sweep.ipynb #0095457b
