@@ -18,7 +18,7 @@ import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits, load_records, default_data_dir
 from .models import load_model
-from .train import tiny_pipelines, pipeline_metrics, DPOConfig
+from .train import tiny_pipelines, pipeline_metrics, DPOConfig, dial_models
 from .stages import records_hash, run_jobs, stage_key, cached_stage
 from .vectors import AlignmentVector
 from .knobs import Knobs
@@ -31,13 +31,13 @@ from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, mea
 from .baselines import compare_baselines
 
 # %% auto #0
-__all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out', 'base_stage',
-           'vector_file', 'dpo_stage', 'real_stage', 'copy_checkpoints', 'vector_stage', 'sweep_stage',
-           'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'measure_dial', 'dial_knots',
-           'two_vector_dials', 'choose_dial_positions', 'targets_by_dials', 'dial_study_stage', 'retrain_targets',
-           'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
-           'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text', 'results_table',
-           'readme_section', 'update_readme']
+__all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out',
+           'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'real_stage', 'copy_checkpoints', 'vector_stage',
+           'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'measure_dial',
+           'dial_knots', 'two_vector_dials', 'choose_dial_positions', 'targets_by_dials', 'dial_study_stage',
+           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
+           'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
+           'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -53,7 +53,8 @@ class DemoConfig:
     verify:int = 1 # Real evaluations per target in the cheaper search
     retrain_targets:tuple = ("medical",) # Joint retraining: expert in these domains (one per run), avoidance elsewhere
     anchored:bool = False # Also train anchored vectors (3 more DPO models, ~1 min); they then drive the multidomain search
-    dial_vectors:bool = False # Also a generic-preferring DPO model per domain (3 more): each domain's two-vector dial, measured (`dial_study`)
+    dial_vectors:bool = False # Also each domain's two dial models (`train.dial_models`, 6 more DPO models): its dial, measured (`dial_study`)
+    dial_anchor_share:float = 0.3 # Anchoring pairs of the dial models, as a share of the domain's pairs
     dial_grid:tuple = tuple(i / 4 for i in range(13)) # Dial positions 0, 0.25, …, 3 of the two-vector dials
     dial_probes:tuple = (-1.0, 1.0, 2.0, 3.0) # Dial positions the multidomain search probes, each dial alone
     dial_candidates:tuple = tuple(i / 4 for i in range(-4, 13)) # Dial positions it solves the targets over (−1 … 3)
@@ -90,12 +91,14 @@ def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:boo
                           refresh=("pretrain", "base") if fresh else ())[False]
 
 KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"),  # kind -> (anchoring pairs, preferred level)
-         "generic": (False, "generic"), "generic_anchored": (True, "generic")}
+         "dial_generic": (True, "generic"), "dial_expert": (True, "expert")}  # a dial's two steps (`train.dial_models`)
+DIAL_KINDS = ("dial_generic", "dial_expert")
 
 def vector_file(out:Path, kind:str, domain:str)->Path:
-    "Where the report keeps the vector of `domain` of a kind (`KINDS`): `out/vectors/<domain>-<level>[-anchored].safetensors`."
+    "Where the report keeps the vector of `domain` of a kind (`KINDS`): `out/vectors/<domain>-<level>[-anchored|-dial].safetensors`."
     anchor, level = KINDS[kind]
-    return out/"vectors"/f"{domain}-{level}{'-anchored' if anchor else ''}.safetensors"
+    suffix = "-dial" if kind in DIAL_KINDS else "-anchored" if anchor else ""
+    return out/"vectors"/f"{domain}-{level}{suffix}.safetensors"
 
 def _extract(base:Path, aligned:Path, f:Path, domain:str, kind:str, dtype:str)->Path:
     "Write the vector aligned − base to `f`, unless `f` already holds the one of this aligned checkpoint."
@@ -110,6 +113,15 @@ def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, fresh:bool=F
                        refresh=("dpo",) if fresh else ())[anchor]
     _extract(p["base"], p[domain], vector_file(out, kind, domain), domain, kind, "float32")
     return str(p[domain])
+
+def dial_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, anchor_share:float, fresh:bool=False)->str:
+    """One step of a domain's dial (`DIAL_KINDS`): its model, trained or reused in `cache` (`train.dial_models`), and its
+    vector in the report — generic − base, or expert − generic; the model's folder."""
+    base = tiny_pipelines((False,), cache, domains=(), seed=seed, progress=False)[False]["base"]
+    level = KINDS[kind][1]
+    models = dial_models(base, domain, anchor_share=anchor_share, progress=False, refresh=(level,) if fresh else ())
+    _extract(base if kind == "dial_generic" else models["generic"], models[level], vector_file(out, kind, domain), domain, kind, "float32")
+    return str(models[level])
 
 def real_stage(base:Path, cfg:DemoConfig, progress:bool, fresh:bool=False)->dict:
     "One expert DPO model per domain from a real base folder (`real.real_pipeline`), trained or reused."
@@ -296,7 +308,7 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
                     )->dict: # knots, sweep checks, chosen settings, their measurement, well-formedness, targets
     "Each domain's two-vector dial: swept, chosen on the tuning half, measured on the reporting half; the 27 targets set dial by dial."
     cfg = _config(cfg)
-    knobs, tok = _knobs(base, vectors)
+    knobs, tok = _knobs(base, vectors, transfer=True)  # an expert step's base is its generic model (base + generic vector at 1)
     knots = two_vector_dials(knobs)
     scheds = {d: dial_schedule(kn) for d, kn in knots.items()}
     sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed)
@@ -415,18 +427,19 @@ def handwritten_check(base:Path, # Checkpoint the knobs act on
                       dial:dict, # From `sweep.dial_settings`
                       best:list, # `multidomain.best` rows (`target_settings`)
                       target_vectors:dict|None=None, # knob -> vector file the targets' λs apply to; default `vectors`
+                      transfer:bool=False, # Vectors from another base allowed (a dial's expert step: its base is the generic model)
                      )->dict|None: # levels each dial reaches, and targets reached, on the hand-written queries
     "The settings chosen on the generated queries, measured once more on hand-written ones (None without the file)."
     f = default_data_dir()/HANDWRITTEN
     if not f.exists(): return None
     recs = load_records(f)
-    knobs, tok = _knobs(base, vectors)
+    knobs, tok = _knobs(base, vectors, transfer)
     levels = {}
     for dom, by_level in dial.items():
         got = [lvl for lvl, lam in by_level.items()
                if lam is not None and plurality(share_matrix(evaluate(knobs, tok, recs, **lam)).loc[dom]) == lvl]
         levels[dom] = got
-    if target_vectors is not None and target_vectors != vectors: knobs, tok = _knobs(base, target_vectors)
+    if target_vectors is not None and target_vectors != vectors: knobs, tok = _knobs(base, target_vectors, transfer)
     tried = [r for r in best if r["reached"]]  # the targets reached on the generated queries
     reached = [r["target"] for r in tried if target_score(share_matrix(evaluate(knobs, tok, recs, **r["lambdas"])), r["target"])[0]]
     return {"records": len(recs), "dial_levels_reached": levels, "targets_tried": len(tried), "targets_reached": reached}
@@ -453,14 +466,16 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if model is None: torch.set_num_threads(1)  # tiny matrices: one thread is faster, and steady on a busy machine
     data = load_splits()
     data_key = records_hash(data["train"] + data["test"])
-    gen_kind = "generic_anchored" if cfg.anchored else "generic"  # the dials use the vectors the multidomain search uses
-    kinds = ("plain",) + (("anchored",) if cfg.anchored else ()) + ((gen_kind,) if cfg.dial_vectors else ())
+    kinds = ("plain",) + (("anchored",) if cfg.anchored else ()) + (DIAL_KINDS if cfg.dial_vectors else ())
     from av_nbdev.core import cache_dir
     if model is None:  # pretrain and SFT here, then one stage per DPO model
         cache = Path(cache or cache_dir()/"tiny")
         shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress, fresh))
         jobs = {f"dpo-{k}-{d}": ((), lambda r, k=k, d=d: (None, "dpo_stage", (cache, out, k, d, cfg.seed, fresh)))
-                for k in kinds for d in DOMAINS}
+                for k in kinds if k not in DIAL_KINDS for d in DOMAINS}
+        jobs |= {f"dpo-{k}-{d}": ((f"dpo-dial_generic-{d}",) if k == "dial_expert" else (),  # the second step starts from the first
+                                  lambda r, k=k, d=d: (None, "dial_stage", (cache, out, k, d, cfg.seed, cfg.dial_anchor_share, fresh)))
+                 for k in kinds if k in DIAL_KINDS for d in DOMAINS}
         trained_in = lambda r, ks: {k: {**shared, **{d: Path(r[f"dpo-{k}-{d}"]) for d in DOMAINS}} for k in ks}
     else:  # a real model trains its three DPO models here, on every core
         real, t_base = _timed(lambda: real_stage(real_base, cfg, progress, fresh))
@@ -497,11 +512,11 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                                 dial_of(r), target_settings(r["surrogate"]["best"])),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
-        dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in (gen_kind, md_kind)}
-        jobs["dial_study"] = stage("dial_study_stage", (md_kind, gen_kind), (base, dial_files, tune, report_half, c), parts)
+        dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in DIAL_KINDS}
+        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts)
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
-            stage_key(asdict(cfg), data_key, names(r, (md_kind, gen_kind)), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
-            "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]))))
+            stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
+            "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]), None, True)))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
     if "pretrain" in shared and cfg.transfer_grid:
@@ -551,8 +566,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if "dial_study" in res:  # with what the panel's two-vector dials need (`KnobPanel.from_report(..., dials="two-vector")`)
         report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": target_settings(res["dial_study"]["targets"]),
                                                     "knobs": {f"{d}-{KINDS[k][1]}": {"vector": report_path(vector_file(out, k, d), out), "domain": d,
-                                                                                     "level": KINDS[k][1]} for d in DOMAINS for k in (gen_kind, md_kind)},
-                                                    "vectors": "anchored" if cfg.anchored else "plain"}
+                                                                                     "level": KINDS[k][1]} for d in DOMAINS for k in DIAL_KINDS},
+                                                    "vectors": "dial"}
     write_report(out, report, sweep, transfer, leaks, summary, retrain, grid, surr)
     report["seconds"] = time.perf_counter() - t_start
     print(summary_text(report, out))

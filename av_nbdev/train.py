@@ -21,9 +21,9 @@ from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, re
 from .stages import records_hash, write_json, write_csv, run_jobs, threads
 
 # %% auto #0
-__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft', 'dpo_loss', 'DPOConfig',
-           'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records', 'build_pairs',
-           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics']
+__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'DIAL_DPO', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft', 'dpo_loss',
+           'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records', 'build_pairs',
+           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -239,10 +239,11 @@ def anchor_records(records:list, # Training records
                    level:str, # Preferred level in that domain
                    anchor_share:float=0.15, # Anchoring queries as a share of the domain's pairs
                    seed:int=0, # Which other-domain records become anchors
+                   rejected:tuple|None=None, # The levels the domain's pairs reject; default every other level
                   )->list[dict]:
     "The other domains' records whose queries become anchoring pairs: a seeded sample, `anchor_share` of the domain's pairs."
     others = [r for r in records if r["domain"] != domain]
-    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level))), seed)
+    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level, rejected))), seed)
 
 def build_pairs(records:list, # Training records
                 domain:str, # Domain to align
@@ -252,12 +253,13 @@ def build_pairs(records:list, # Training records
                 tokenizer=None, # Its tokenizer (needed with `anchor`)
                 anchor_share:float=0.15, # Anchoring pairs as a share of the domain's pairs
                 seed:int=0, # Which other-domain records become anchors
+                rejected:tuple|None=None, # The levels the domain's pairs reject; default every other level
                )->list[dict]: # DPO pairs; anchors have "anchor": True
     "DPO pairs for (domain, level), optionally mixed with anchoring pairs that keep the base's preference elsewhere."
-    pairs = dpo_pairs(records, domain, level)
+    pairs = dpo_pairs(records, domain, level, rejected)
     if not anchor: return pairs
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
-    others = anchor_records(records, domain, level, anchor_share, seed)
+    others = anchor_records(records, domain, level, anchor_share, seed, rejected)
     anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
                for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors
@@ -285,22 +287,25 @@ def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress, ref
         return save_checkpoint(model, tok, out, overwrite=True)
     return build_once(root/f"base-{key}", build, refresh)
 
-def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
+def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, rejected=None)->Path:
     "The DPO stage's folder, named by a hash of everything that determines it."
-    anchors = anchor and records_hash(anchor_records(data["train"], domain, level, anchor_share, cfg.seed))  # which queries
+    anchors = anchor and records_hash(anchor_records(data["train"], domain, level, anchor_share, cfg.seed, rejected))  # which queries
+    narrowed = () if rejected is None else (tuple(rejected),)  # absent when every level is rejected: those folders keep their names
     key = short_hash("dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), domain, level,
-                     anchor and anchor_share, anchors, n_wellformed, asdict(cfg))
+                     anchor and anchor_share, anchors, n_wellformed, asdict(cfg), *narrowed)
     return root/f"dpo-{domain}-{level}-{key}"
 
-def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False)->Path:
+def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False,
+               rejected=None)->Path:
+    "DPO of `base_dir` against itself on (domain, level) pairs, with its held-out metrics beside the checkpoint."
     if isinstance(cfg, dict): cfg = DPOConfig(**cfg)  # sent to a worker process as a dict (the class may be a notebook's)
     def build(out):
         reference, tok = load_model(base_dir, dtype=torch.float32)
         policy, _ = load_model(base_dir, dtype=torch.float32)
         pairs = build_pairs(data["train"], domain, level, anchor=anchor, base=reference, tokenizer=tok,
-                            anchor_share=anchor_share, seed=cfg.seed)
+                            anchor_share=anchor_share, seed=cfg.seed, rejected=rejected)
         log = dpo(policy, reference, tok, pairs, cfg, progress=progress)
-        held = reward_accuracy(policy, reference, tok, dpo_pairs(data["test"], domain, level), beta=cfg.beta)
+        held = reward_accuracy(policy, reference, tok, dpo_pairs(data["test"], domain, level, rejected), beta=cfg.beta)
         answers = well_formed(policy, tok, [r["query"] for r in data["test"] if r["domain"] == domain][:n_wellformed])
         metrics = {"domain": domain, "level": level, "anchor": anchor, "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
@@ -309,7 +314,7 @@ def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, c
         write_csv(root/f"{out.name}.log.csv", log)
         write_json(root/f"{out.name}.metrics.json", metrics)
         return save_checkpoint(policy, tok, out, overwrite=True)
-    return build_once(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build, refresh)
+    return build_once(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed, rejected), build, refresh)
 
 # %% ../nbs/02_train.ipynb #c23738e1
 def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: plain (False) and/or anchored (True)
@@ -368,3 +373,28 @@ def pipeline_metrics(paths:dict, # From `tiny_pipeline`
     return pd.DataFrame([json.loads((p.parent/f"{p.name}.metrics.json").read_text())
                          for k, p in paths.items() if k not in ("pretrain", "base")])
 
+
+# %% ../nbs/02_train.ipynb #a1d1a10e
+DIAL_DPO = DPOConfig(steps=240) # The dial's DPO models: up to 240 steps (the margin stop ends most sooner)
+
+def dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["base"]`
+                domain:str, # The dial's domain
+                out_dir:str|Path|None=None, # Cache folder; default the base's folder
+                anchor_share:float=1.0, # Anchoring pairs as a share of the domain's pairs, in both models
+                dpo_cfg:DPOConfig|None=None, # Default `DIAL_DPO`
+                data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
+                n_wellformed:int=30, # Held-out queries answered greedily for the well-formed check
+                refresh:tuple=(), # Levels whose model is trained again although cached (e.g. ("expert",))
+                progress:bool=True,
+               )->dict: # {"generic": dir, "expert": dir}: the middle level's model, then the top level's trained from it
+    "Train (or reuse) a domain's two dial models: the middle level from the base, then the top level from the middle one."
+    data = load_splits(data_dir)
+    levels = levels_of(data["train"])
+    if len(levels) != 3: raise AVError(f"dial_models: a dial needs three levels, the data has {len(levels)}: {levels}")
+    low, mid, top = levels
+    base_dir, cfg = Path(base_dir), dpo_cfg or DIAL_DPO
+    root = Path(out_dir) if out_dir is not None else base_dir.parent
+    middle = _stage_dpo(root, base_dir, data, domain, mid, True, anchor_share, cfg, n_wellformed, progress, mid in refresh,
+                        rejected=(low,))  # not against the top level: the next step raises it
+    return {mid: middle,
+            top: _stage_dpo(root, middle, data, domain, top, True, anchor_share, cfg, n_wellformed, progress, top in refresh)}

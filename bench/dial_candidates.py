@@ -13,6 +13,13 @@ Compares training methods for the tiny model's vectors under the package's dial 
 - well-formed: share of ≥ 16 greedy answers (reporting half, own domain) that pass `scoring.answer_problem`;
 - multidomain: 27 targets (one level per domain), searched on the tuning half, reported on the reporting half.
 
+Candidate names are flags joined by "_": perlevel (a generic- and an expert-preferring model per domain), ga (generic
+only ≻ avoidance), anchorX (anchoring pairs, X × the domain's pairs: the base's preferred level ≻ the level trained),
+symX (symmetric anchors: every ordered pair of levels on other-domain queries, which holds their log-ratios), awW
+(anchor loss × W), chain (the expert model trained from the generic one, its vector expert − generic: what
+`train.dial_models` does), nllA / enllA (a likelihood term on the chosen responses; enll: the chained expert step
+only), retainG (squared change of the other domains' per-token likelihoods × G), sN (at most N steps).
+
 Models are cached under --out (default /tmp/dial); results per candidate are kept in --out/results/<name>.json.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/dial_candidates.py            # full table
@@ -33,7 +40,7 @@ from av_nbdev.sweep import dial_schedule, is_dial, mean_level, mean_level_leakag
 LEVELS = ("avoidance", "generic", "expert")
 DOMAINS = ("medical", "legal", "financial")
 STEP = 0.25
-WINNER = "perlevel_ga_anchor1_s240"  # the candidate the measurements below favour
+WINNER = "perlevel_ga_anchor0.3_s240_chain"  # the recipe `train.dial_models` implements (its anchors are sampled differently)
 
 
 # ----------------------------------------------------------------------------------------------------------------- data
@@ -94,6 +101,52 @@ def dpo_retain(policy, reference, tok, pairs:list, retain:list, cfg, gamma:float
     return train_loop(policy, cfg, len(pairs), step, "dpo-retain", stop=margin_stop(cfg), progress=False, groups=by_query(pairs))
 
 
+def dpo_nll(policy, reference, tok, pairs:list, cfg, alpha:float, anchor_weight:float=1.0):
+    """DPO on `pairs` plus `alpha` × the mean per-token negative log-likelihood of the chosen responses of the
+    domain's own pairs (anchors excluded): the aligned level's text stays likely, not only likelier than the rejected."""
+    from av_nbdev.scoring import response_logprob_sums
+    from av_nbdev.train import train_loop, dpo_loss, margin_stop, by_query
+    reference.eval()
+    def sums(model, qs, rs): return response_logprob_sums(model, tok, qs, rs, max_length=cfg.max_length, batch_size=8)
+    def step(micro:list)->dict:
+        n, st, n_own = sum(map(len, micro)), dict(loss=0.0, margin=0.0, reward_acc=0.0, nll=0.0), 0.0
+        for idx in micro:
+            ps = [pairs[i] for i in idx]
+            qs, rs = [p["query"] for p in ps for _ in (0, 1)], [p[k] for p in ps for k in ("chosen", "rejected")]
+            with torch.no_grad(): ref, _ = sums(reference, qs, rs)
+            pol, cnt = sums(policy, qs, rs)
+            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=cfg.beta)
+            own = torch.tensor([not p.get("anchor") for p in ps], dtype=pol.dtype)
+            nll = -(pol[0::2] / cnt[0::2].clamp(min=1)) * own
+            w = 1.0 + (anchor_weight - 1.0) * (1.0 - own)  # anchors' DPO loss × `anchor_weight`
+            (((loss * w).sum() + alpha * nll.sum()) / n).backward()
+            k = max(1.0, own.sum().item()); n_own += k
+            st["loss"] += loss.sum().item() / n; st["margin"] += ((rw - rl) * own).sum().item()
+            st["reward_acc"] += ((rw > rl).float() * own).sum().item(); st["nll"] += nll.sum().item()
+        for key in ("margin", "reward_acc", "nll"): st[key] /= n_own  # over the domain's own pairs (the stop rule reads it)
+        return st
+    return train_loop(policy, cfg, len(pairs), step, "dpo-nll", stop=margin_stop(cfg), progress=False, groups=by_query(pairs))
+
+
+def nll_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, alpha:float, anchor_weight:float=1.0)->dict:
+    "Train (or reuse) a `dpo_nll` model of the base; its folder and stats."
+    from av_nbdev.core import short_hash
+    from av_nbdev.models import load_model, save_checkpoint
+    key = short_hash(name, str(base_dir), [json.dumps(p, sort_keys=True) for p in pairs], alpha, asdict(cfg),
+                     *([anchor_weight] if anchor_weight != 1.0 else []))
+    d = out/"models"/f"{name}-{key}"
+    meta = d.parent/f"{d.name}.json"
+    if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
+    reference, tok = load_model(base_dir, dtype=torch.float32)
+    policy, _ = load_model(base_dir, dtype=torch.float32)
+    log = dpo_nll(policy, reference, tok, pairs, cfg, alpha, anchor_weight)
+    save_checkpoint(policy, tok, d, overwrite=True)
+    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
+             "final_margin": float(log.margin.iloc[-3:].mean()), "final_nll": float(log.nll.iloc[-3:].mean())}
+    meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
+    return stats | {"dir": str(d)}
+
+
 def retain_model(out:Path, name:str, base_dir:Path, pairs:list, retain:list, cfg, gamma:float)->dict:
     "Train (or reuse) a `dpo_retain` model of the base; its folder and stats."
     from av_nbdev.core import short_hash
@@ -127,6 +180,19 @@ def anchor_pairs(records:list, domain:str, level:str, base, tok, share:float, n_
     return [{"query": r["query"], "chosen": r["responses"][pref], "rejected": r["responses"][level], "domain": r["domain"],
              "chosen_level": pref, "rejected_level": level, "anchor": True}
             for r, pref in zip(others, base_preference(base, tok, others)) if pref != level]
+
+
+def symmetric_anchor_pairs(records:list, domain:str, share:float, n_domain_pairs:int, seed:int=0)->list:
+    """Other-domain records with every ordered pair of distinct levels (a ≻ b and b ≻ a): DPO's loss on a pair and its
+    reverse is least when the pair's log-ratio is the reference's, so these hold the other domains' preferences where the
+    base had them instead of pushing them towards any level. About `share` × `n_domain_pairs` pairs."""
+    from av_nbdev.core import seeded_sample
+    others = [r for r in records if r["domain"] != domain]
+    per = len(LEVELS) * (len(LEVELS) - 1)
+    picked = seeded_sample(others, round(share * n_domain_pairs / per), seed)
+    return [{"query": r["query"], "chosen": r["responses"][a], "rejected": r["responses"][b], "domain": r["domain"],
+             "chosen_level": a, "rejected_level": b, "anchor": True}
+            for r in picked for a in LEVELS for b in LEVELS if a != b]
 
 
 # -------------------------------------------------------------------------------------------------------------- vectors
@@ -342,26 +408,51 @@ def build_candidate(name:str, ctx:dict)->dict:
     steps = next((int(p[1:]) for p in name.split("_") if p[:1] == "s" and p[1:].isdigit()), ctx["dpo_steps"])
     cfg = DPOConfig(steps=steps)  # candidate suffix _sN: at most N steps (the margin stop still applies)
     models, vectors, domain_of = [], {}, {}
-    def vec(knob, d, level, stats):
+    def vec(knob, d, level, stats, ref_dir=None):
         models.append({k: v for k, v in stats.items() if k != "dir"})
-        vectors[knob] = AlignmentVector.extract(base_dir, stats["dir"], domain=d, level=level)
+        vectors[knob] = AlignmentVector.extract(ref_dir or base_dir, stats["dir"], domain=d, level=level)
         domain_of[knob] = d
     def plain_stats(d): return {"name": f"pipeline-{d}", **ctx["pipeline_metrics"][d], "dir": str(ctx["paths"][d])}
-    def expert_generic(d, anchor_share=0.0, generic_over=("avoidance", "expert"), expert_weight=1, retain_gamma=0.0):
-        "A generic-preferring (≻ `generic_over`) and an expert-preferring model of domain d (optionally anchored)."
+    def expert_generic(d, anchor_share=0.0, generic_over=("avoidance", "expert"), expert_weight=1, retain_gamma=0.0, nll_alpha=0.0,
+                       chain=False, expert_nll=0.0, sym_share=0.0, anchor_weight=1.0):
+        """A generic-preferring (≻ `generic_over`) and an expert-preferring model of domain d (optionally anchored);
+        with `chain` the expert model is trained from the generic one against it, and its vector is expert − generic."""
+        from av_nbdev.models import load_model
+        generic_dir = None
         for lvl, knob in (("generic", f"{d}_generic"), ("expert", f"{d}_expert")):
             pairs = level_pairs(train, d, lvl, generic_over if lvl == "generic" else ("avoidance", "generic"),
                                 expert_weight if lvl == "expert" else 1)
-            if anchor_share:
-                pairs = pairs + anchor_pairs(train, d, lvl, ctx["base"], ctx["tok"], anchor_share, len(pairs))
+            step_from = generic_dir if (chain and lvl == "expert") else None
+            if sym_share: pairs = pairs + symmetric_anchor_pairs(train, d, sym_share, len(pairs), seed=LEVELS.index(lvl))
+            elif anchor_share:
+                ref = load_model(step_from, dtype=torch.float32)[0] if step_from else ctx["base"]
+                pairs = pairs + anchor_pairs(train, d, lvl, ref, ctx["tok"], anchor_share, len(pairs))
+            if sym_share:  # symmetric anchors: the stop rule reads the domain's own pairs only (`dpo_nll`, α may be 0)
+                tag = f"{d}-{lvl}{'-from-generic' if step_from else ''}-s{cfg.steps}-sym{sym_share:g}" + (f"-nll{expert_nll:g}" if expert_nll and lvl == "expert" else "") \
+                      + (f"-aw{anchor_weight:g}" if anchor_weight != 1.0 else "")
+                stats = nll_model(out, tag, Path(step_from or base_dir), pairs, cfg, expert_nll if lvl == "expert" else 0.0, anchor_weight)
+                vec(knob, d, lvl, stats, ref_dir=step_from)
+                if lvl == "generic": generic_dir = stats["dir"]
+                continue
+            if step_from:
+                tag = f"{d}-expert-from-generic-s{cfg.steps}" + (f"-anchor{anchor_share:g}" if anchor_share else "")
+                if retain_gamma:
+                    retain = [{"query": r["query"], "response": r["responses"][l]} for r in train if r["domain"] != d for l in LEVELS]
+                    stats = retain_model(out, tag + f"-retain{retain_gamma:g}", Path(step_from), pairs, retain, cfg, retain_gamma)
+                else: stats = (nll_model(out, tag + f"-nll{expert_nll:g}", Path(step_from), pairs, cfg, expert_nll) if expert_nll else
+                               dpo_model(out, tag, Path(step_from), pairs, cfg))
+                vec(knob, d, lvl, stats, ref_dir=step_from); continue
             tag = f"{d}-{lvl}" + (f"-s{cfg.steps}" if cfg.steps != 120 else "") + ("-over-" + "-".join(generic_over) if lvl == "generic" and generic_over != ("avoidance", "expert") else "") \
                   + (f"-anchor{anchor_share:g}" if anchor_share else "") + (f"-w{expert_weight}" if lvl == "expert" and expert_weight != 1 else "")
-            if retain_gamma:  # other domains' queries with every level's response keep their likelihood
+            if nll_alpha:  # the chosen (own-domain) responses' likelihood kept up as well
+                stats = nll_model(out, tag + f"-nll{nll_alpha:g}", base_dir, pairs, cfg, nll_alpha)
+            elif retain_gamma:  # other domains' queries with every level's response keep their likelihood
                 retain = [{"query": r["query"], "response": r["responses"][l]} for r in train if r["domain"] != d for l in LEVELS]
                 stats = retain_model(out, tag + f"-retain{retain_gamma:g}", base_dir, pairs, retain, cfg, retain_gamma)
             else: stats = plain_stats(d) if (lvl == "expert" and not anchor_share and cfg.steps == 120 and expert_weight == 1) else \
                 dpo_model(out, tag, base_dir, pairs, cfg)
             vec(knob, d, lvl, stats)
+            if lvl == "generic": generic_dir = stats["dir"]
     scheds, grid = {}, None
     if name in ("plain", "plain_orth"):
         for d in DOMAINS: vec(d, d, "expert", plain_stats(d))
@@ -387,7 +478,12 @@ def build_candidate(name:str, ctx:dict)->dict:
         share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
         ew = next((int(p[2:]) for p in parts if p.startswith("ew")), 1)  # _ewN: the expert model's own pairs N times
         gamma = next((float(p[6:]) for p in parts if p.startswith("retain")), 0.0)  # _retainG: `dpo_retain` with γ=G
-        for d in DOMAINS: expert_generic(d, share, ("avoidance",) if "ga" in parts else ("avoidance", "expert"), ew, gamma)
+        alpha = next((float(p[3:]) for p in parts if p.startswith("nll")), 0.0)  # _nllA: `dpo_nll` with α=A
+        e_alpha = next((float(p[4:]) for p in parts if p.startswith("enll")), 0.0)  # _enllA: the chained expert step only
+        for d in DOMAINS: expert_generic(d, share, ("avoidance",) if "ga" in parts else ("avoidance", "expert"), ew, gamma, alpha,
+                                         chain="chain" in parts, expert_nll=e_alpha,
+                                         sym_share=next((float(p[3:]) for p in parts if p.startswith("sym")), 0.0),
+                                         anchor_weight=next((float(p[2:]) for p in parts if p.startswith("aw")), 1.0))
         if "orth" in parts: vectors = orthogonalised(vectors, domain_of)
         g, e = ctx["generic_lam"].get(name, 1.0), ctx["expert_lam"].get(name, 1.0)
         for d in DOMAINS:
@@ -491,7 +587,8 @@ def main():
            "generic_lam": {}, "expert_lam": {}, "grid_points": {}, "min_wf": a.min_wf}
     names = a.only.split(",") if a.only else (["plain", "perlevel", WINNER] if a.quick else
              ["plain", "plain_orth", "ordinal", "ordinal_anchor1_s240", "perlevel", "perlevel_handoff",
-              "perlevel_anchor0.5", "perlevel_anchor1", WINNER, WINNER + "_handoff", WINNER + "_ew2"])
+              "perlevel_anchor0.5", "perlevel_anchor1", "perlevel_ga_anchor1_s240", "perlevel_ga_anchor1_s240_chain",
+              "perlevel_ga_sym2_aw10_s240_chain", WINNER, WINNER + "_enll1"])
     rows = []
     for n in names:
         f = out/"results"/f"{n}{'-quick' if a.quick else ''}{'' if a.min_wf == 0.8 else f'-minwf{a.min_wf:g}'}.json"
