@@ -54,7 +54,7 @@ class DemoConfig:
     retrain_targets:tuple = ("medical",) # Joint retraining: expert in these domains (one per run), avoidance elsewhere
     anchored:bool = False # Also train anchored vectors (3 more DPO models, ~1 min); they then drive the multidomain search
     dial_vectors:bool = False # Also each domain's two dial models (`train.dial_models`, 6 more DPO models): its dial, measured (`dial_study`)
-    dial_anchor_share:float = 0.3 # Anchoring pairs of the dial models, as a share of the domain's pairs
+    dial_anchor_share:float = 0.1 # Anchoring pairs of the dial models, as a share of the domain's pairs
     dial_grid:tuple = tuple(i / 4 for i in range(13)) # Dial positions 0, 0.25, …, 3 of the two-vector dials
     dial_probes:tuple = (-1.0, 1.0, 2.0, 3.0) # Dial positions the multidomain search probes, each dial alone
     dial_candidates:tuple = tuple(i / 4 for i in range(-4, 13)) # Dial positions it solves the targets over (−1 … 3)
