@@ -51,24 +51,34 @@ def halves(test:list, seed:int=0)->dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- training
-def dpo_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, init_dir:Path|None=None)->dict:
-    "Train (or reuse) a DPO model of `init_dir` (default the base) against the base on `pairs`; its folder and stats."
-    from av_nbdev.core import short_hash
+def cached_model(out:Path, name:str, key:str, reference_dir:Path, init_dir:Path, n_pairs:int, train, extra:str|None=None)->dict:
+    """Train (or reuse, by `name` and `key`) a model of `init_dir` against `reference_dir`: `train(policy, reference,
+    tok)` returns its log; saved with its stats (and the last steps' mean of the log column `extra`)."""
     from av_nbdev.models import load_model, save_checkpoint
-    from av_nbdev.train import dpo
-    init_dir = init_dir or base_dir
-    key = short_hash(name, str(base_dir), str(init_dir), [json.dumps(p, sort_keys=True) for p in pairs], asdict(cfg))
     d = out/"models"/f"{name}-{key}"
     meta = d.parent/f"{d.name}.json"
     if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
-    reference, tok = load_model(base_dir, dtype=torch.float32)
+    reference, tok = load_model(reference_dir, dtype=torch.float32)
     policy, _ = load_model(init_dir, dtype=torch.float32)
-    log = dpo(policy, reference, tok, pairs, cfg, progress=False)
+    log = train(policy, reference, tok)
     save_checkpoint(policy, tok, d, overwrite=True)
-    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
-             "final_margin": float(log.margin.iloc[-3:].mean()), "final_reward_acc": float(log.reward_acc.iloc[-1])}
+    stats = {"name": name, "pairs": n_pairs, "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
+             "final_margin": float(log.margin.iloc[-3:].mean())}
+    stats |= {f"final_{extra}": float(log[extra].iloc[-3:].mean())} if extra else {"final_reward_acc": float(log.reward_acc.iloc[-1])}
     meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
     return stats | {"dir": str(d)}
+
+
+def _pairs_key(pairs:list)->list: return [json.dumps(p, sort_keys=True) for p in pairs]
+
+
+def dpo_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, init_dir:Path|None=None)->dict:
+    "Train (or reuse) a DPO model of `init_dir` (default the base) against the base on `pairs`; its folder and stats."
+    from av_nbdev.core import short_hash
+    from av_nbdev.train import dpo
+    init_dir = init_dir or base_dir
+    key = short_hash(name, str(base_dir), str(init_dir), _pairs_key(pairs), asdict(cfg))
+    return cached_model(out, name, key, base_dir, init_dir, len(pairs), lambda pol, ref, tok: dpo(pol, ref, tok, pairs, cfg, progress=False))
 
 
 def dpo_retain(policy, reference, tok, pairs:list, retain:list, cfg, gamma:float, per_step:int=8):
@@ -131,38 +141,17 @@ def dpo_nll(policy, reference, tok, pairs:list, cfg, alpha:float, anchor_weight:
 def nll_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, alpha:float, anchor_weight:float=1.0)->dict:
     "Train (or reuse) a `dpo_nll` model of the base; its folder and stats."
     from av_nbdev.core import short_hash
-    from av_nbdev.models import load_model, save_checkpoint
-    key = short_hash(name, str(base_dir), [json.dumps(p, sort_keys=True) for p in pairs], alpha, asdict(cfg),
-                     *([anchor_weight] if anchor_weight != 1.0 else []))
-    d = out/"models"/f"{name}-{key}"
-    meta = d.parent/f"{d.name}.json"
-    if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
-    reference, tok = load_model(base_dir, dtype=torch.float32)
-    policy, _ = load_model(base_dir, dtype=torch.float32)
-    log = dpo_nll(policy, reference, tok, pairs, cfg, alpha, anchor_weight)
-    save_checkpoint(policy, tok, d, overwrite=True)
-    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
-             "final_margin": float(log.margin.iloc[-3:].mean()), "final_nll": float(log.nll.iloc[-3:].mean())}
-    meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
-    return stats | {"dir": str(d)}
+    key = short_hash(name, str(base_dir), _pairs_key(pairs), alpha, asdict(cfg), *([anchor_weight] if anchor_weight != 1.0 else []))
+    train = lambda pol, ref, tok: dpo_nll(pol, ref, tok, pairs, cfg, alpha, anchor_weight)
+    return cached_model(out, name, key, base_dir, base_dir, len(pairs), train, "nll")
 
 
 def retain_model(out:Path, name:str, base_dir:Path, pairs:list, retain:list, cfg, gamma:float)->dict:
     "Train (or reuse) a `dpo_retain` model of the base; its folder and stats."
     from av_nbdev.core import short_hash
-    from av_nbdev.models import load_model, save_checkpoint
-    key = short_hash(name, str(base_dir), [json.dumps(p, sort_keys=True) for p in pairs], len(retain), gamma, asdict(cfg))
-    d = out/"models"/f"{name}-{key}"
-    meta = d.parent/f"{d.name}.json"
-    if meta.exists() and (d/"config.json").exists(): return json.loads(meta.read_text()) | {"dir": str(d)}
-    reference, tok = load_model(base_dir, dtype=torch.float32)
-    policy, _ = load_model(base_dir, dtype=torch.float32)
-    log = dpo_retain(policy, reference, tok, pairs, retain, cfg, gamma)
-    save_checkpoint(policy, tok, d, overwrite=True)
-    stats = {"name": name, "pairs": len(pairs), "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
-             "final_margin": float(log.margin.iloc[-3:].mean()), "final_retain": float(log.retain.iloc[-3:].mean())}
-    meta.parent.mkdir(parents=True, exist_ok=True); meta.write_text(json.dumps(stats))
-    return stats | {"dir": str(d)}
+    key = short_hash(name, str(base_dir), _pairs_key(pairs), len(retain), gamma, asdict(cfg))
+    train = lambda pol, ref, tok: dpo_retain(pol, ref, tok, pairs, retain, cfg, gamma)
+    return cached_model(out, name, key, base_dir, base_dir, len(pairs), train, "retain")
 
 
 def level_pairs(records:list, domain:str, chosen:str, rejected:tuple, weight:int=1)->list:
