@@ -81,30 +81,39 @@ def dpo_model(out:Path, name:str, base_dir:Path, pairs:list, cfg, init_dir:Path|
     return cached_model(out, name, key, base_dir, init_dir, len(pairs), lambda pol, ref, tok: dpo(pol, ref, tok, pairs, cfg, progress=False))
 
 
+def _sums(model, tok, queries:list, responses:list, cfg)->tuple:
+    "(summed log-prob, token count) per response; prompts shared (`scoring.response_logprob_sums`)."
+    from av_nbdev.scoring import response_logprob_sums
+    return response_logprob_sums(model, tok, queries, responses, max_length=cfg.max_length, batch_size=8)
+
+
+def pair_pass(policy, reference, tok, ps:list, cfg)->tuple:
+    "One DPO pass over pairs `ps`: the policy's (chosen, rejected)-interleaved sums and counts, the loss per pair and both rewards."
+    from av_nbdev.train import dpo_loss
+    qs, rs = [p["query"] for p in ps for _ in (0, 1)], [p[k] for p in ps for k in ("chosen", "rejected")]
+    with torch.no_grad(): ref, _ = _sums(reference, tok, qs, rs, cfg)
+    pol, cnt = _sums(policy, tok, qs, rs, cfg)
+    return (pol, cnt, *dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=cfg.beta))
+
+
 def dpo_retain(policy, reference, tok, pairs:list, retain:list, cfg, gamma:float, per_step:int=8):
     """DPO on `pairs` plus `gamma` × the mean squared change of the per-token log-likelihood of `retain` items
     ({"query","response"}: other domains' queries with every level's response) against the reference; a batch of
     `per_step` retain items per step. Stops on the DPO reward margin like `train.dpo`."""
-    from av_nbdev.scoring import response_logprob_sums
-    from av_nbdev.train import train_loop, dpo_loss, margin_stop, by_query
+    from av_nbdev.train import train_loop, margin_stop, by_query
     reference.eval()
     g = torch.Generator().manual_seed(cfg.seed)
-    def sums(model, qs, rs): return response_logprob_sums(model, tok, qs, rs, max_length=cfg.max_length, batch_size=4)
     def step(micro:list)->dict:
         n, st = sum(map(len, micro)), dict(loss=0.0, margin=0.0, reward_acc=0.0, retain=0.0)
         for idx in micro:
-            ps = [pairs[i] for i in idx]
-            qs, rs = [p["query"] for p in ps for _ in (0, 1)], [p[k] for p in ps for k in ("chosen", "rejected")]
-            with torch.no_grad(): ref, _ = sums(reference, qs, rs)
-            pol, _ = sums(policy, qs, rs)
-            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=cfg.beta)
+            _, _, loss, rw, rl = pair_pass(policy, reference, tok, [pairs[i] for i in idx], cfg)
             (loss.sum() / n).backward()
             st["loss"] += loss.sum().item() / n; st["margin"] += (rw - rl).sum().item() / n
             st["reward_acc"] += (rw > rl).float().sum().item() / n
         keep = [retain[i] for i in torch.randint(len(retain), (per_step,), generator=g).tolist()]
         qs, rs = [x["query"] for x in keep], [x["response"] for x in keep]
-        with torch.no_grad(): ref, cnt = sums(reference, qs, rs)
-        pol, _ = sums(policy, qs, rs)
+        with torch.no_grad(): ref, cnt = _sums(reference, tok, qs, rs, cfg)
+        pol, _ = _sums(policy, tok, qs, rs, cfg)
         drift = ((pol - ref) / cnt.clamp(min=1)).pow(2).mean()
         (gamma * drift).backward(); st["retain"] = drift.item()
         return st
@@ -114,18 +123,13 @@ def dpo_retain(policy, reference, tok, pairs:list, retain:list, cfg, gamma:float
 def dpo_nll(policy, reference, tok, pairs:list, cfg, alpha:float, anchor_weight:float=1.0):
     """DPO on `pairs` plus `alpha` × the mean per-token negative log-likelihood of the chosen responses of the
     domain's own pairs (anchors excluded): the aligned level's text stays likely, not only likelier than the rejected."""
-    from av_nbdev.scoring import response_logprob_sums
-    from av_nbdev.train import train_loop, dpo_loss, margin_stop, by_query
+    from av_nbdev.train import train_loop, margin_stop, by_query
     reference.eval()
-    def sums(model, qs, rs): return response_logprob_sums(model, tok, qs, rs, max_length=cfg.max_length, batch_size=8)
     def step(micro:list)->dict:
         n, st, n_own = sum(map(len, micro)), dict(loss=0.0, margin=0.0, reward_acc=0.0, nll=0.0), 0.0
         for idx in micro:
             ps = [pairs[i] for i in idx]
-            qs, rs = [p["query"] for p in ps for _ in (0, 1)], [p[k] for p in ps for k in ("chosen", "rejected")]
-            with torch.no_grad(): ref, _ = sums(reference, qs, rs)
-            pol, cnt = sums(policy, qs, rs)
-            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], ref[0::2], ref[1::2], beta=cfg.beta)
+            pol, cnt, loss, rw, rl = pair_pass(policy, reference, tok, ps, cfg)
             own = torch.tensor([not p.get("anchor") for p in ps], dtype=pol.dtype)
             nll = -(pol[0::2] / cnt[0::2].clamp(min=1)) * own
             w = 1.0 + (anchor_weight - 1.0) * (1.0 - own)  # anchors' DPO loss × `anchor_weight`
