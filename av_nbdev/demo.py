@@ -18,7 +18,7 @@ import av_nbdev
 from .core import AVError, atomic_path, atomic_dir, set_seed, short_hash
 from .data import DOMAINS, LEVELS, load_splits, load_records, default_data_dir
 from .models import load_model
-from .train import tiny_pipelines, pipeline_metrics, DPOConfig, dial_models
+from .train import tiny_pipelines, pipeline_metrics, DPOConfig, JOINT_DPO, joint_dial_models
 from .stages import records_hash, run_jobs, stage_key, cached_stage
 from .vectors import AlignmentVector
 from .knobs import Knobs
@@ -53,8 +53,8 @@ class DemoConfig:
     verify:int = 1 # Real evaluations per target in the cheaper search
     retrain_targets:tuple = ("medical",) # Joint retraining: expert in these domains (one per run), avoidance elsewhere
     anchored:bool = False # Also train anchored vectors (3 more DPO models, ~1 min); they then drive the multidomain search
-    dial_vectors:bool = False # Also each domain's two dial models (`train.dial_models`, 6 more DPO models): its dial, measured (`dial_study`)
-    dial_anchor_share:float = 0.1 # Anchoring pairs of the dial models, as a share of the domain's pairs
+    dial_vectors:bool = False # Also every domain's generic and expert dial steps, trained together (`train.joint_dial_models`): the dials, measured (`dial_study`)
+    dial_steps:int = JOINT_DPO.steps # Optimiser steps of the dials' joint training
     dial_grid:tuple = tuple(i / 4 for i in range(13)) # Dial positions 0, 0.25, …, 3 of the two-vector dials
     dial_probes:tuple = (-1.0, 1.0, 2.0, 3.0) # Dial positions the multidomain search probes, each dial alone
     dial_candidates:tuple = tuple(i / 4 for i in range(-4, 13)) # Dial positions it solves the targets over (−1 … 3)
@@ -91,7 +91,7 @@ def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:boo
                           refresh=("pretrain", "base") if fresh else ())[False]
 
 KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"),  # kind -> (anchoring pairs, preferred level)
-         "dial_generic": (True, "generic"), "dial_expert": (True, "expert")}  # a dial's two steps (`train.dial_models`)
+         "dial_generic": (True, "generic"), "dial_expert": (True, "expert")}  # a dial's two steps (`train.joint_dial_models`)
 DIAL_KINDS = ("dial_generic", "dial_expert")
 
 def vector_file(out:Path, kind:str, domain:str)->Path:
@@ -114,12 +114,12 @@ def dpo_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, fresh:bool=F
     _extract(p["base"], p[domain], vector_file(out, kind, domain), domain, kind, "float32")
     return str(p[domain])
 
-def dial_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, anchor_share:float, fresh:bool=False)->str:
-    """One step of a domain's dial (`DIAL_KINDS`): its model, trained or reused in `cache` (`train.dial_models`), and its
-    vector in the report — generic − base, or expert − generic; the model's folder."""
+def dial_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, steps:int, fresh:bool=False)->str:
+    """One step of a domain's dial (`DIAL_KINDS`): every domain's dial models, trained together or reused in `cache`
+    (`train.joint_dial_models`), and this step's vector in the report — generic − base, or expert − generic; the model's folder."""
     base = tiny_pipelines((False,), cache, domains=(), seed=seed, progress=False)[False]["base"]
     level = KINDS[kind][1]
-    models = dial_models(base, domain, anchor_share=anchor_share, progress=False, refresh=(level,) if fresh else ())
+    models = joint_dial_models(base, dpo_cfg=DPOConfig(**{**asdict(JOINT_DPO), "steps": steps, "seed": seed}), progress=False, refresh=fresh)[domain]
     _extract(base if kind == "dial_generic" else models["generic"], models[level], vector_file(out, kind, domain), domain, kind, "float32")
     return str(models[level])
 
@@ -273,6 +273,7 @@ def choose_dial_positions(knobs, tokenizer, # `Knobs` over the model, and its to
                           tune:list, report:list, # The halves: positions are chosen on `tune`; both are swept
                           grid:tuple, # Dial positions swept
                           min_well_formed:float, # A chosen position keeps this share of greedy answers to the domain's tuning queries well-formed
+                          trained:dict|None=None, # domain -> level -> the dial position its steps were trained at: chosen first when it reaches the level
                          )->tuple: # (sweep of both halves, domain -> level -> {"<domain> dial": s} or None, {(domain, s): well-formed share})
     "Each dial swept on its own domain (both halves at once), each level's position chosen on the tuning half."
     parts = {"tune": _ids(tune), "report": _ids(report)}
@@ -283,7 +284,8 @@ def choose_dial_positions(knobs, tokenizer, # `Knobs` over the model, and its to
         key = (d, pos[f"{d} dial"])
         if key not in checked: checked[key] = float(_well_formed_at(knobs, tokenizer, _own_queries(tune, d), scheds[d](key[1])))
         return checked[key] >= min_well_formed
-    return sw, dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough), checked
+    at_trained = (lambda d, lvl, pos: trained[d][lvl] == pos[f"{d} dial"]) if trained else None
+    return sw, dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough, prefer=at_trained), checked
 
 def targets_by_dials(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                      settings:dict, # domain -> level -> {knob: λ} or None (not found on the tuning half)
@@ -311,7 +313,8 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     knobs, tok = _knobs(base, vectors, transfer=True)  # an expert step's base is its generic model (base + generic vector at 1)
     knots = two_vector_dials(knobs)
     scheds = {d: dial_schedule(kn) for d, kn in knots.items()}
-    sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed)
+    trained = {d: dict(zip(LEVELS, (s for s, _ in kn))) for d, kn in knots.items()}  # s = 0, 1, 2: base, generic model, expert model
+    sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed, trained)
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
     well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, _own_queries(tune + report, d), lam)) for l, lam in lv.items()}
             for d, lv in settings.items()}  # the reported share: every sampled query of the domain
@@ -473,8 +476,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
         shared, t_base = _timed(lambda: base_stage(cache, cfg, workers, progress, fresh))
         jobs = {f"dpo-{k}-{d}": ((), lambda r, k=k, d=d: (None, "dpo_stage", (cache, out, k, d, cfg.seed, fresh)))
                 for k in kinds if k not in DIAL_KINDS for d in DOMAINS}
-        jobs |= {f"dpo-{k}-{d}": ((f"dpo-dial_generic-{d}",) if k == "dial_expert" else (),  # the second step starts from the first
-                                  lambda r, k=k, d=d: (None, "dial_stage", (cache, out, k, d, cfg.seed, cfg.dial_anchor_share, fresh)))
+        first = f"dpo-{DIAL_KINDS[0]}-{DOMAINS[0]}"  # trains every dial step at once; the other steps' jobs wait for it
+        jobs |= {f"dpo-{k}-{d}": (() if f"dpo-{k}-{d}" == first else (first,),
+                                  lambda r, k=k, d=d: (None, "dial_stage", (cache, out, k, d, cfg.seed, cfg.dial_steps,
+                                                                            fresh and f"dpo-{k}-{d}" == first)))
                  for k in kinds if k in DIAL_KINDS for d in DOMAINS}
         trained_in = lambda r, ks: {k: {**shared, **{d: Path(r[f"dpo-{k}-{d}"]) for d in DOMAINS}} for k in ks}
     else:  # a real model trains its three DPO models here, on every core

@@ -174,6 +174,8 @@ def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knob
                   metric:str="preference", # Which shares decide
                   accept=None, # Optional f(domain, level, {knob: λ}) -> bool, asked in order of share: the first it accepts
                                # (e.g. greedy answers well-formed enough); when it accepts none, the best-share setting
+                  prefer=None, # Optional f(domain, level, {knob: λ}) -> bool: the settings it holds are ranked first
+                               # (e.g. the positions a dial's steps were trained at), then by share
                  )->dict: # domain -> level -> {knob: λ} (the domain's knobs), or None where not reached
     "Per domain and level, the swept setting at which that level is the strict plurality of the domain's own queries."
     own = sweep[(sweep.domain == sweep.knob_domain) & (sweep.metric == metric)]
@@ -187,6 +189,7 @@ def dial_settings(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knob
             if wins.empty: out[d][lvl] = None; continue
             ranked = [{kk: (float(lam) if kk == k else 0.0) for kk in knobs_}  # highest share first, nearest 0 on a tie
                       for k, lam in sorted(wins.index, key=lambda i: (-wins.loc[i, lvl], abs(i[1])))]
+            if prefer: ranked.sort(key=lambda s: not prefer(d, lvl, s))  # stable: by share within each group
             out[d][lvl] = next((s for s in ranked if accept(d, lvl, s)), ranked[0]) if accept else ranked[0]
     return out
 

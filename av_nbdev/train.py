@@ -4,7 +4,7 @@
 
 # %% ../nbs/02_train.ipynb #87816a85
 from __future__ import annotations
-import contextlib, json, math, time
+import contextlib, itertools, json, math, time
 from dataclasses import dataclass, asdict, field
 from pathlib import Path
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .core import AVError, build_once, cache_dir, seeded_sample, set_seed, short_hash
+from .core import AVError, atomic_dir, build_once, cache_dir, seeded_sample, set_seed, short_hash
 from .data import dpo_pairs, sft_examples, load_splits, domains_of, levels_of
 from .models import TinyConfig, train_tokenizer, corpus_texts, tiny_llama, save_checkpoint, load_model
 from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, response_logprobs, preference_table, well_formed,
@@ -21,9 +21,10 @@ from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, re
 from .stages import records_hash, write_json, write_csv, run_jobs, threads
 
 # %% auto #0
-__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'DIAL_DPO', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft', 'dpo_loss',
-           'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records', 'build_pairs',
-           'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'dial_models']
+__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'DIAL_DPO', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query',
+           'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference',
+           'anchor_records', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'dial_models',
+           'DialSteps', 'level_steps', 'joint_dpo', 'joint_dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -398,3 +399,132 @@ def dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["base"]
                         rejected=(low,))  # not against the top level: the next step raises it
     return {mid: middle,
             top: _stage_dpo(root, middle, data, domain, top, True, anchor_share, cfg, n_wellformed, progress, top in refresh)}
+
+# %% ../nbs/02_train.ipynb #j01d1a02
+JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, stop_margin=None) # 2 targets per step, 2 queries of every domain each
+JOINT_NLL = 1.0 # Weight of the likelihood term in the dials' joint training
+
+class DialSteps(torch.nn.Module):
+    """Trainable steps around a model, one per key, each shaped like the model's weights (zero at the start). `use(active)`
+    sets the model's weights to θ + the active steps; after a backward pass through the model, `collect(active)` adds its
+    weight gradients to each active step: the weights are θ + Σ steps, so that is each step's gradient."""
+    def __init__(self, model, # The causal LM whose weights are θ; its weights are overwritten by `use`
+                 keys:list, # One step per key
+                ):
+        super().__init__()
+        object.__setattr__(self, "model", model)  # not a submodule: the optimiser sees the steps only
+        self.keys = list(keys)
+        self.theta = [p.detach().clone() for p in model.parameters()]
+        self.steps = torch.nn.ModuleList(torch.nn.ParameterList(torch.zeros_like(t) for t in self.theta) for _ in self.keys)
+
+    def _on(self, active)->list: return [self.steps[self.keys.index(k)] for k in active]
+
+    def use(self, active=()):
+        "Set the model's weights to θ plus the steps of the `active` keys; the model."
+        on = self._on(active)
+        with torch.no_grad():
+            for i, p in enumerate(self.model.parameters()): p.copy_(self.theta[i] + sum(s[i] for s in on) if on else self.theta[i])
+        return self.model
+
+    def collect(self, active):
+        "Move the model's weight gradients into the steps of the `active` keys."
+        on = self._on(active)
+        for i, p in enumerate(self.model.parameters()):
+            if p.grad is None: continue
+            for s in on: s[i].grad = p.grad.clone() if s[i].grad is None else s[i].grad + p.grad
+            p.grad = None
+
+def level_steps(levels:list, # The data's levels, lowest first
+                level:str, # A target level
+               )->list: # The dial steps a domain at `level` turns on: one per level above the lowest, up to `level`
+    return list(levels[1:levels.index(level) + 1])
+
+def joint_dpo(model, # The base: frozen; the steps are trained around it
+              tokenizer,
+              records:list, # Training records of every domain
+              cfg:DPOConfig|None=None, # Default `JOINT_DPO`: `grad_accum` targets per step, `batch_size / grad_accum` queries per domain each
+              nll:float=JOINT_NLL, # Weight of the chosen responses' mean per-token negative log-likelihood, added to DPO's loss
+              progress:bool=True,
+             )->tuple: # (`DialSteps` keyed (domain, level), per-step log)
+    """Every domain's dial steps trained together. A step per domain and level above the lowest; a domain set to a level
+    turns on its steps up to that level. Each micro-batch draws a target (a level per domain, not all the lowest), runs
+    the base plus the target's steps, and takes DPO's loss against the base on queries of every domain: the domain's
+    target level ≻ each other level. So every combination of dial settings is trained, not one domain at a time. With
+    `nll`, the chosen responses also stay likely (not only likelier than the rejected): the answers stay well-formed."""
+    cfg = cfg or JOINT_DPO
+    domains, levels = domains_of(records), levels_of(records)
+    steps = DialSteps(model, [(d, l) for d in domains for l in levels[1:]])
+    by_domain = {d: [r for r in records if r["domain"] == d] for d in domains}
+    targets = [t for t in itertools.product(levels, repeat=len(domains)) if set(t) != {levels[0]}]
+    pick, ref = torch.Generator().manual_seed(cfg.seed), {}
+    def reference(rs:list)->torch.Tensor:  # the base's summed log-probs of every level's response, computed once per record
+        recs = {r["id"]: r for r in rs}
+        new = [i for i in recs if i not in ref]
+        if new:
+            with torch.no_grad():
+                s, _ = response_logprob_sums(steps.use(()), tokenizer, [recs[i]["query"] for i in new for _ in levels],
+                                             [recs[i]["responses"][l] for i in new for l in levels], max_length=cfg.max_length, batch_size=TRAIN_PASS)
+            for j, i in enumerate(new): ref[i] = dict(zip(levels, s[j * len(levels):(j + 1) * len(levels)].tolist()))
+        return ref
+    def step(micro:list)->dict:
+        n, st = 0, dict(loss=0.0, reward_acc=0.0, margin=0.0, nll=0.0)
+        work = []
+        for idx in micro:
+            target = dict(zip(domains, targets[torch.randint(len(targets), (1,), generator=pick).item()]))
+            pairs = [(r, target[d], o) for d in domains for i in idx for r in [by_domain[d][i % len(by_domain[d])]]
+                     for o in levels if o != target[d]]
+            work.append((target, pairs)); n += len(pairs)
+        for target, pairs in work:
+            ref = reference([r for r, _, _ in pairs])
+            active = [(d, l) for d, lvl in target.items() for l in level_steps(levels, lvl)]
+            pol, cnt = response_logprob_sums(steps.use(active), tokenizer, [r["query"] for r, _, _ in pairs for _ in (0, 1)],
+                                           [r["responses"][x] for r, c, o in pairs for x in (c, o)], max_length=cfg.max_length, batch_size=TRAIN_PASS)
+            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], torch.tensor([ref[r["id"]][c] for r, c, _ in pairs]),
+                                    torch.tensor([ref[r["id"]][o] for r, _, o in pairs]), beta=cfg.beta)
+            chosen_nll = -pol[0::2] / cnt[0::2].clamp(min=1)
+            ((loss.sum() + nll * chosen_nll.sum()) / n).backward()
+            steps.collect(active)
+            for k, v in dict(loss=loss.detach(), reward_acc=(rw > rl).float(), margin=rw - rl, nll=chosen_nll.detach()).items():
+                st[k] += v.sum().item() / n
+        return st
+    log = train_loop(steps, cfg, max(map(len, by_domain.values())), step, "joint dpo", stop=margin_stop(cfg), progress=progress)
+    steps.use(())  # the model back at θ
+    return steps, log
+
+def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["base"]`
+                      out_dir:str|Path|None=None, # Cache folder; default the base's folder
+                      dpo_cfg:DPOConfig|None=None, # Default `JOINT_DPO`
+                      nll:float=JOINT_NLL, # Weight of the likelihood term (`joint_dpo`)
+                      data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
+                      n_wellformed:int=30, # Held-out queries answered greedily per model for the well-formed check
+                      refresh:bool=False, # Train again although cached
+                      progress:bool=True,
+                     )->dict: # domain -> level -> checkpoint folder, for every level above the lowest
+    """Train (or reuse) every domain's dial steps together (`joint_dpo`) and save, per domain and level, the base plus that
+    domain's steps up to the level as a checkpoint: the domain's dial at that level with every other dial at the lowest."""
+    data = load_splits(data_dir)
+    levels, domains, cfg = levels_of(data["train"]), domains_of(data["train"]), dpo_cfg or JOINT_DPO
+    base_dir = Path(base_dir)
+    root = Path(out_dir) if out_dir is not None else base_dir.parent
+    key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed)
+    folder = root/f"joint-{key}"
+    names = {d: {l: folder/f"{d}-{l}" for l in levels[1:]} for d in domains}
+    def build(out):
+        with atomic_dir(out, overwrite=True) as tmp:
+            base, tok = load_model(base_dir, dtype=torch.float32)
+            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, progress=progress)
+            metrics = {"steps": len(log), "seconds": float(log.seconds.iloc[-1]), "train_margin": float(log.margin.iloc[-cfg.window:].mean()),
+                       "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll,
+                       "models": []}
+            for d in domains:
+                for l in levels[1:]:
+                    model = steps.use([(d, x) for x in level_steps(levels, l)])
+                    save_checkpoint(model, tok, tmp/f"{d}-{l}")
+                    answers = well_formed(model, tok, [r["query"] for r in data["test"] if r["domain"] == d][:n_wellformed])
+                    metrics["models"].append({"domain": d, "level": l, "well_formed": float(answers.problem.isna().mean()),
+                                              "well_formed_n": len(answers)})
+            write_csv(tmp/"log.csv", log)
+            write_json(tmp/"metrics.json", metrics)
+        return out
+    build_once(folder, build, refresh, done="metrics.json")
+    return {d: dict(ls) for d, ls in names.items()}

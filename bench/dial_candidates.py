@@ -18,7 +18,11 @@ only ≻ avoidance), anchorX (anchoring pairs, X × the domain's pairs: the base
 symX (symmetric anchors: every ordered pair of levels on other-domain queries, which holds their log-ratios), awW
 (anchor loss × W), chain (the expert model trained from the generic one, its vector expert − generic: what
 `train.dial_models` does), nllA / enllA (a likelihood term on the chosen responses; enll: the chained expert step
-only), retainG (squared change of the other domains' per-token likelihoods × G), sN (at most N steps).
+only), retainG (squared change of the other domains' per-token likelihoods × G), sN (at most N steps); joint (every
+domain's generic and expert steps trained together on every combination of dial settings: `train.joint_dial_models`;
+tT, qQ: T targets per step, Q queries per domain each). Targets are counted three ways: by_dials (each dial turned
+to its level's tuned position, no search), by_knots (each dial at 0, 1 or 2: where its steps were trained) and the
+surrogate search.
 
 Models are cached under --out (default /tmp/dial); results per candidate are kept in --out/results/<name>.json.
 
@@ -324,6 +328,16 @@ def md_report(b:Bench, scheds:dict, chosen:dict)->dict:
     return {"reached": sum(r["reached"] for r in rows), "rows": rows}
 
 
+def targets_by_dials(b:Bench, scheds:dict, positions:dict)->dict:
+    "Every target with each dial turned to its level's position (domain -> level -> s; None: not reached), no search: tuning and reporting half."
+    rows = []
+    for t in targets():
+        if any(positions[d][l] is None for d, l in t.items()): continue
+        s = {d: positions[d][l] for d, l in t.items()}
+        rows.append({"target": t, "s": s, **{part: target_reached(b.table(dial_lambdas(scheds, s), part), t) for part in ("tune", "report")}})
+    return {"evaluations": len(rows), "tune_reached": sum(r["tune"][0] for r in rows), "reached": sum(r["report"][0] for r in rows), "rows": rows}
+
+
 def grid_search(b:Bench, scheds:dict, points:tuple)->dict:
     "The paper's grid over the dials (len(points)**3 evaluations on the tuning half); best per target reported."
     before, evals = b.n_evals, []
@@ -466,6 +480,25 @@ def build_candidate(name:str, ctx:dict)->dict:
             vec(d, d, "expert", dpo_model(out, f"{d}-{name}", base_dir, pairs, cfg))
         scheds = {d: dial_schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01, STEP), 2)
+    elif name.startswith("joint"):  # joint[_sN][_tT][_qQ][_nllA]: `train.joint_dial_models`, N steps of T targets × Q queries per domain
+        from av_nbdev.train import joint_dial_models, JOINT_DPO
+        parts = name.split("_")
+        t_per = next((int(p[1:]) for p in parts if p[:1] == "t" and p[1:].isdigit()), JOINT_DPO.grad_accum)
+        q_per = next((int(p[1:]) for p in parts if p[:1] == "q" and p[1:].isdigit()), JOINT_DPO.batch_size // JOINT_DPO.grad_accum)
+        jcfg = replace(JOINT_DPO, steps=next((int(p[1:]) for p in parts if p[:1] == "s" and p[1:].isdigit()), JOINT_DPO.steps),
+                       grad_accum=t_per, batch_size=t_per * q_per)
+        nll = next((float(p[3:]) for p in parts if p.startswith("nll")), 0.0)  # _nllA: the likelihood term's weight (default none)
+        m = joint_dial_models(base_dir, progress=False, dpo_cfg=jcfg, nll=nll)
+        jm = json.loads((m[DOMAINS[0]]["generic"].parent/"metrics.json").read_text())
+        for d in DOMAINS:
+            G, E = f"{d}_generic", f"{d}_expert"
+            stats = lambda l: {"name": f"{name}-{d}-{l}", "steps": jm["steps"], "seconds": jm["seconds"] / (2 * len(DOMAINS)),
+                               "final_margin": jm["train_margin"], "dir": str(m[d][l])}  # the joint run's time shared by its models
+            vec(G, d, "generic", stats("generic"))
+            vec(E, d, "expert", stats("expert"), ref_dir=m[d]["generic"])
+            scheds[d] = dial_schedule([(-1.0, {G: -1.0, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: 1.0, E: 0.0}),
+                                       (2.0, {G: 1.0, E: 1.0}), (3.0, {G: 1.0, E: 2.0})])
+        grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
     elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
         parts = name.split("_")
         share = next((float(p[6:]) for p in parts if p.startswith("anchor")), 0.0)
@@ -512,6 +545,11 @@ def run_candidate(name:str, ctx:dict, search:bool)->dict:
               f"reached {[lvl for lvl in LEVELS if rep[lvl] and rep[lvl]['pooled_reached']]} "
               f"leak {leak['leakage_ratio']} shifts {leak['shifts']} wf {wf}", flush=True)
     res["calibration_evaluations"] = b.n_evals
+    tuned = {d: res["domains"][d]["settings"] for d in DOMAINS}
+    res["by_dials"] = targets_by_dials(b, c["scheds"], tuned)
+    res["by_knots"] = targets_by_dials(b, c["scheds"], {d: dict(zip(LEVELS, (0.0, 1.0, 2.0))) for d in DOMAINS})  # the trained steps' own positions
+    for k in ("by_dials", "by_knots"):
+        print(f"  {name} {k}: {res[k]['reached']}/27 on the reporting half ({res[k]['tune_reached']}/27 tuning)", flush=True)
     if search and all(res["domains"][d]["settings"]["expert"] is not None for d in DOMAINS):
         st = {d: res["domains"][d]["settings"] for d in DOMAINS}  # probes: each dial at its tuned level settings
         probes = {d: sorted({st[d][l] for l in LEVELS if st[d][l] not in (None, 0.0)}) for d in DOMAINS}
@@ -540,7 +578,7 @@ def row(res:dict)->dict:
         r[f"{d[:3]} E@exp"] = None if x.get("expert_share") is None else round(x["expert_share"], 2)
         wf = [v for v in x["well_formed"].values() if v is not None]
         r[f"{d[:3]} wf(min)"] = round(min(wf), 2) if wf else None
-    for s in ("surrogate", "grid"):
+    for s in ("by_dials", "by_knots", "surrogate", "grid"):
         r[s] = f"{res[s]['reached']}/27 in {res[s]['evaluations']}" if s in res else None
     return r
 
