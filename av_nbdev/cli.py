@@ -169,8 +169,8 @@ def add_demo(sub):
     p.add_argument("--per-domain", type=int, default=None, help="held-out queries per domain in sweeps and searches")
     p.add_argument("--anchored", action="store_true", help="also train anchored DPO vectors (little leakage; ~1 min more) "
                    "and run the multidomain search on them")
-    p.add_argument("--dial", action="store_true", help="also train each domain's two dial models (generic from the base, expert from "
-                   "the generic; anchored; 6 more DPO models) and measure each domain's dial (report: dial_study)")
+    p.add_argument("--dial", action="store_true", help="also train every domain's generic and expert dial steps together (~5 min) "
+                   "and measure each domain's dial and the 27 targets set dial by dial (report: dial_study)")
     p.add_argument("--seed", type=int, default=0, help="seed for data sampling, training and DARE")
     p.set_defaults(run=run_demo_cmd)
 

@@ -91,7 +91,7 @@ def base_stage(cache:Path, cfg:DemoConfig, workers:int, progress:bool, fresh:boo
                           refresh=("pretrain", "base") if fresh else ())[False]
 
 KINDS = {"plain": (False, "expert"), "anchored": (True, "expert"),  # kind -> (anchoring pairs, preferred level)
-         "dial_generic": (True, "generic"), "dial_expert": (True, "expert")}  # a dial's two steps (`train.joint_dial_models`)
+         "dial_generic": (False, "generic"), "dial_expert": (False, "expert")}  # a dial's two steps (`train.joint_dial_models`)
 DIAL_KINDS = ("dial_generic", "dial_expert")
 
 def vector_file(out:Path, kind:str, domain:str)->Path:

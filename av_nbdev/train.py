@@ -21,10 +21,10 @@ from .scoring import (encode_texts, sequence_logprobs, response_logprob_sums, re
 from .stages import records_hash, write_json, write_csv, run_jobs, threads
 
 # %% auto #0
-__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'DIAL_DPO', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query',
-           'pretrain', 'sft', 'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference',
-           'anchor_records', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'dial_models',
-           'DialSteps', 'level_steps', 'joint_dpo', 'joint_dial_models']
+__all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft',
+           'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records',
+           'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'DialSteps', 'level_steps',
+           'joint_dpo', 'joint_dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -288,25 +288,23 @@ def _stage_sft(root, parent:Path, data, seed, instruct_share, cfg, progress, ref
         return save_checkpoint(model, tok, out, overwrite=True)
     return build_once(root/f"base-{key}", build, refresh)
 
-def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, rejected=None)->Path:
+def _dpo_dir(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed)->Path:
     "The DPO stage's folder, named by a hash of everything that determines it."
-    anchors = anchor and records_hash(anchor_records(data["train"], domain, level, anchor_share, cfg.seed, rejected))  # which queries
-    narrowed = () if rejected is None else (tuple(rejected),)  # absent when every level is rejected: those folders keep their names
+    anchors = anchor and records_hash(anchor_records(data["train"], domain, level, anchor_share, cfg.seed))  # which queries
     key = short_hash("dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), domain, level,
-                     anchor and anchor_share, anchors, n_wellformed, asdict(cfg), *narrowed)
+                     anchor and anchor_share, anchors, n_wellformed, asdict(cfg))
     return root/f"dpo-{domain}-{level}-{key}"
 
-def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False,
-               rejected=None)->Path:
+def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, cfg, n_wellformed, progress, refresh=False)->Path:
     "DPO of `base_dir` against itself on (domain, level) pairs, with its held-out metrics beside the checkpoint."
     if isinstance(cfg, dict): cfg = DPOConfig(**cfg)  # sent to a worker process as a dict (the class may be a notebook's)
     def build(out):
         reference, tok = load_model(base_dir, dtype=torch.float32)
         policy, _ = load_model(base_dir, dtype=torch.float32)
         pairs = build_pairs(data["train"], domain, level, anchor=anchor, base=reference, tokenizer=tok,
-                            anchor_share=anchor_share, seed=cfg.seed, rejected=rejected)
+                            anchor_share=anchor_share, seed=cfg.seed)
         log = dpo(policy, reference, tok, pairs, cfg, progress=progress)
-        held = reward_accuracy(policy, reference, tok, dpo_pairs(data["test"], domain, level, rejected), beta=cfg.beta)
+        held = reward_accuracy(policy, reference, tok, dpo_pairs(data["test"], domain, level), beta=cfg.beta)
         answers = well_formed(policy, tok, [r["query"] for r in data["test"] if r["domain"] == domain][:n_wellformed])
         metrics = {"domain": domain, "level": level, "anchor": anchor, "steps": len(log), "seconds": float(log.seconds.iloc[-1]),
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
@@ -315,7 +313,7 @@ def _stage_dpo(root, base_dir:Path, data, domain, level, anchor, anchor_share, c
         write_csv(root/f"{out.name}.log.csv", log)
         write_json(root/f"{out.name}.metrics.json", metrics)
         return save_checkpoint(policy, tok, out, overwrite=True)
-    return build_once(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed, rejected), build, refresh)
+    return build_once(_dpo_dir(root, base_dir, data, domain, level, anchor, anchor_share, cfg, n_wellformed), build, refresh)
 
 # %% ../nbs/02_train.ipynb #c23738e1
 def tiny_pipelines(anchors:tuple=(False,), # One set of DPO models per value: plain (False) and/or anchored (True)
@@ -375,31 +373,6 @@ def pipeline_metrics(paths:dict, # From `tiny_pipeline`
                          for k, p in paths.items() if k not in ("pretrain", "base")])
 
 
-# %% ../nbs/02_train.ipynb #a1d1a10e
-DIAL_DPO = DPOConfig(steps=240) # The dial's DPO models: up to 240 steps (the margin stop ends most sooner)
-
-def dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["base"]`
-                domain:str, # The dial's domain
-                out_dir:str|Path|None=None, # Cache folder; default the base's folder
-                anchor_share:float=1.0, # Anchoring pairs as a share of the domain's pairs, in both models
-                dpo_cfg:DPOConfig|None=None, # Default `DIAL_DPO`
-                data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
-                n_wellformed:int=30, # Held-out queries answered greedily for the well-formed check
-                refresh:tuple=(), # Levels whose model is trained again although cached (e.g. ("expert",))
-                progress:bool=True,
-               )->dict: # {"generic": dir, "expert": dir}: the middle level's model, then the top level's trained from it
-    "Train (or reuse) a domain's two dial models: the middle level from the base, then the top level from the middle one."
-    data = load_splits(data_dir)
-    levels = levels_of(data["train"])
-    if len(levels) != 3: raise AVError(f"dial_models: a dial needs three levels, the data has {len(levels)}: {levels}")
-    low, mid, top = levels
-    base_dir, cfg = Path(base_dir), dpo_cfg or DIAL_DPO
-    root = Path(out_dir) if out_dir is not None else base_dir.parent
-    middle = _stage_dpo(root, base_dir, data, domain, mid, True, anchor_share, cfg, n_wellformed, progress, mid in refresh,
-                        rejected=(low,))  # not against the top level: the next step raises it
-    return {mid: middle,
-            top: _stage_dpo(root, middle, data, domain, top, True, anchor_share, cfg, n_wellformed, progress, top in refresh)}
-
 # %% ../nbs/02_train.ipynb #j01d1a02
 JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, stop_margin=None) # 2 targets per step, 2 queries of every domain each
 JOINT_NLL = 1.0 # Weight of the likelihood term in the dials' joint training
@@ -444,13 +417,15 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
               records:list, # Training records of every domain
               cfg:DPOConfig|None=None, # Default `JOINT_DPO`: `grad_accum` targets per step, `batch_size / grad_accum` queries per domain each
               nll:float=JOINT_NLL, # Weight of the chosen responses' mean per-token negative log-likelihood, added to DPO's loss
+              floor:float=0.0, # Weight of how far a chosen response's per-token log-likelihood falls below the base's (0 above it)
               progress:bool=True,
              )->tuple: # (`DialSteps` keyed (domain, level), per-step log)
     """Every domain's dial steps trained together. A step per domain and level above the lowest; a domain set to a level
     turns on its steps up to that level. Each micro-batch draws a target (a level per domain, not all the lowest), runs
     the base plus the target's steps, and takes DPO's loss against the base on queries of every domain: the domain's
     target level ≻ each other level. So every combination of dial settings is trained, not one domain at a time. With
-    `nll`, the chosen responses also stay likely (not only likelier than the rejected): the answers stay well-formed."""
+    `nll`, the chosen responses also stay likely (not only likelier than the rejected): the answers stay well-formed;
+    `floor` only keeps them from falling below the base's likelihood (DPO-Positive's term, per token)."""
     cfg = cfg or JOINT_DPO
     domains, levels = domains_of(records), levels_of(records)
     steps = DialSteps(model, [(d, l) for d in domains for l in levels[1:]])
@@ -479,10 +454,11 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
             active = [(d, l) for d, lvl in target.items() for l in level_steps(levels, lvl)]
             pol, cnt = response_logprob_sums(steps.use(active), tokenizer, [r["query"] for r, _, _ in pairs for _ in (0, 1)],
                                            [r["responses"][x] for r, c, o in pairs for x in (c, o)], max_length=cfg.max_length, batch_size=TRAIN_PASS)
-            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], torch.tensor([ref[r["id"]][c] for r, c, _ in pairs]),
-                                    torch.tensor([ref[r["id"]][o] for r, _, o in pairs]), beta=cfg.beta)
+            rc, rr = torch.tensor([ref[r["id"]][c] for r, c, _ in pairs]), torch.tensor([ref[r["id"]][o] for r, _, o in pairs])
+            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], rc, rr, beta=cfg.beta)
             chosen_nll = -pol[0::2] / cnt[0::2].clamp(min=1)
-            ((loss.sum() + nll * chosen_nll.sum()) / n).backward()
+            below = (rc - pol[0::2]).clamp(min=0) / cnt[0::2].clamp(min=1)  # the chosen response less likely than under the base
+            ((loss.sum() + nll * chosen_nll.sum() + floor * below.sum()) / n).backward()
             steps.collect(active)
             for k, v in dict(loss=loss.detach(), reward_acc=(rw > rl).float(), margin=rw - rl, nll=chosen_nll.detach()).items():
                 st[k] += v.sum().item() / n
@@ -495,6 +471,7 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
                       out_dir:str|Path|None=None, # Cache folder; default the base's folder
                       dpo_cfg:DPOConfig|None=None, # Default `JOINT_DPO`
                       nll:float=JOINT_NLL, # Weight of the likelihood term (`joint_dpo`)
+                      floor:float=0.0, # Weight of the likelihood floor (`joint_dpo`)
                       data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                       n_wellformed:int=30, # Held-out queries answered greedily per model for the well-formed check
                       refresh:bool=False, # Train again although cached
@@ -506,13 +483,14 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
     levels, domains, cfg = levels_of(data["train"]), domains_of(data["train"]), dpo_cfg or JOINT_DPO
     base_dir = Path(base_dir)
     root = Path(out_dir) if out_dir is not None else base_dir.parent
-    key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed)
+    key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed,
+                     *([floor] if floor else []))
     folder = root/f"joint-{key}"
     names = {d: {l: folder/f"{d}-{l}" for l in levels[1:]} for d in domains}
     def build(out):
         with atomic_dir(out, overwrite=True) as tmp:
             base, tok = load_model(base_dir, dtype=torch.float32)
-            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, progress=progress)
+            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress)
             metrics = {"steps": len(log), "seconds": float(log.seconds.iloc[-1]), "train_margin": float(log.margin.iloc[-cfg.window:].mean()),
                        "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll,
                        "models": []}
@@ -524,6 +502,8 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
                     metrics["models"].append({"domain": d, "level": l, "well_formed": float(answers.problem.isna().mean()),
                                               "well_formed_n": len(answers)})
             write_csv(tmp/"log.csv", log)
+            for m in metrics["models"]:  # beside each checkpoint too, as every DPO stage keeps them (`pipeline_metrics`)
+                write_json(tmp/f"{m['domain']}-{m['level']}.metrics.json", {**m, **{k: v for k, v in metrics.items() if k != "models"}})
             write_json(tmp/"metrics.json", metrics)
         return out
     build_once(folder, build, refresh, done="metrics.json")
