@@ -432,7 +432,7 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
     by_domain = {d: [r for r in records if r["domain"] == d] for d in domains}
     targets = [t for t in itertools.product(levels, repeat=len(domains)) if set(t) != {levels[0]}]
     pick, ref = torch.Generator().manual_seed(cfg.seed), {}
-    def reference(rs:list)->torch.Tensor:  # the base's summed log-probs of every level's response, computed once per record
+    def add_reference(rs:list):  # into `ref`: the base's summed log-probs of every level's response, once per record
         recs = {r["id"]: r for r in rs}
         new = [i for i in recs if i not in ref]
         if new:
@@ -440,7 +440,6 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
                 s, _ = response_logprob_sums(steps.use(()), tokenizer, [recs[i]["query"] for i in new for _ in levels],
                                              [recs[i]["responses"][l] for i in new for l in levels], max_length=cfg.max_length, batch_size=TRAIN_PASS)
             for j, i in enumerate(new): ref[i] = dict(zip(levels, s[j * len(levels):(j + 1) * len(levels)].tolist()))
-        return ref
     def step(micro:list)->dict:
         n, st = 0, dict(loss=0.0, reward_acc=0.0, margin=0.0, nll=0.0)
         work = []
@@ -450,7 +449,7 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
                      for o in levels if o != target[d]]
             work.append((target, pairs)); n += len(pairs)
         for target, pairs in work:
-            ref = reference([r for r, _, _ in pairs])
+            add_reference([r for r, _, _ in pairs])
             active = [(d, l) for d, lvl in target.items() for l in level_steps(levels, lvl)]
             pol, cnt = response_logprob_sums(steps.use(active), tokenizer, [r["query"] for r, _, _ in pairs for _ in (0, 1)],
                                            [r["responses"][x] for r, c, o in pairs for x in (c, o)], max_length=cfg.max_length, batch_size=TRAIN_PASS)
