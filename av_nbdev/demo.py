@@ -6,7 +6,7 @@ search, the baselines table (prompting, DeRa, steering, soups), retraining, tran
 # %% ../nbs/10_demo.ipynb #819e7efe
 from __future__ import annotations
 import json, os, shutil, time
-from dataclasses import dataclass, asdict, field
+from dataclasses import dataclass, asdict, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -119,7 +119,7 @@ def dial_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, steps:int, 
     (`train.joint_dial_models`), and this step's vector in the report — generic − base, or expert − generic; the model's folder."""
     base = tiny_pipelines((False,), cache, domains=(), seed=seed, progress=False)[False]["base"]
     level = KINDS[kind][1]
-    models = joint_dial_models(base, dpo_cfg=DPOConfig(**{**asdict(JOINT_DPO), "steps": steps, "seed": seed}), progress=False, refresh=fresh)[domain]
+    models = joint_dial_models(base, dpo_cfg=replace(JOINT_DPO, steps=steps, seed=seed), progress=False, refresh=fresh)[domain]
     _extract(base if kind == "dial_generic" else models["generic"], models[level], vector_file(out, kind, domain), domain, kind, "float32")
     return str(models[level])
 

@@ -240,11 +240,10 @@ def anchor_records(records:list, # Training records
                    level:str, # Preferred level in that domain
                    anchor_share:float=0.15, # Anchoring queries as a share of the domain's pairs
                    seed:int=0, # Which other-domain records become anchors
-                   rejected:tuple|None=None, # The levels the domain's pairs reject; default every other level
                   )->list[dict]:
     "The other domains' records whose queries become anchoring pairs: a seeded sample, `anchor_share` of the domain's pairs."
     others = [r for r in records if r["domain"] != domain]
-    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level, rejected))), seed)
+    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level))), seed)
 
 def build_pairs(records:list, # Training records
                 domain:str, # Domain to align
@@ -254,13 +253,12 @@ def build_pairs(records:list, # Training records
                 tokenizer=None, # Its tokenizer (needed with `anchor`)
                 anchor_share:float=0.15, # Anchoring pairs as a share of the domain's pairs
                 seed:int=0, # Which other-domain records become anchors
-                rejected:tuple|None=None, # The levels the domain's pairs reject; default every other level
                )->list[dict]: # DPO pairs; anchors have "anchor": True
     "DPO pairs for (domain, level), optionally mixed with anchoring pairs that keep the base's preference elsewhere."
-    pairs = dpo_pairs(records, domain, level, rejected)
+    pairs = dpo_pairs(records, domain, level)
     if not anchor: return pairs
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
-    others = anchor_records(records, domain, level, anchor_share, seed, rejected)
+    others = anchor_records(records, domain, level, anchor_share, seed)
     anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
                for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
     return pairs + anchors

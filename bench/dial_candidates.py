@@ -211,6 +211,11 @@ def orthogonalised(vectors:dict, domain_of:dict)->dict:
 
 
 # ------------------------------------------------------------------------------------------------------------- the dial
+def cumulative_knots(G:str, E:str, g:float=1.0, e:float=1.0)->list:
+    "A dial of a generic knob G and an expert knob E: generic up to g and held, then expert added (every λ monotone)."
+    return [(-1.0, {G: -g, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: g, E: e}), (3.0, {G: g, E: 2 * e})]
+
+
 def monotone(sched, grid)->bool:
     "Does every λ of the schedule move one way only along the grid?"
     lams = pd.DataFrame([sched(s) for s in grid])
@@ -498,8 +503,7 @@ def build_candidate(name:str, ctx:dict)->dict:
                                "final_margin": jm["train_margin"], "dir": str(m[d][l])}  # the joint run's time shared by its models
             vec(G, d, "generic", stats("generic"))
             vec(E, d, "expert", stats("expert"), ref_dir=m[d]["generic"])
-            scheds[d] = dial_schedule([(-1.0, {G: -1.0, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: 1.0, E: 0.0}),
-                                       (2.0, {G: 1.0, E: 1.0}), (3.0, {G: 1.0, E: 2.0})])
+            scheds[d] = dial_schedule(cumulative_knots(G, E))
         grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
     elif name.startswith("perlevel"):  # perlevel[_anchorX][_orth][_handoff]
         parts = name.split("_")
@@ -518,8 +522,7 @@ def build_candidate(name:str, ctx:dict)->dict:
             G, E = f"{d}_generic", f"{d}_expert"
             if "handoff" in parts:  # generic up, then generic down while expert comes up (λ_generic not monotone)
                 knots = [(0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: 0.0, E: e}), (3.0, {G: 0.0, E: 2 * e})]
-            else:  # cumulative: generic up to g and held, then expert added (every λ monotone)
-                knots = [(-1.0, {G: -g, E: 0.0}), (0.0, {G: 0.0, E: 0.0}), (1.0, {G: g, E: 0.0}), (2.0, {G: g, E: e}), (3.0, {G: g, E: 2 * e})]
+            else: knots = cumulative_knots(G, E, g, e)
             scheds[d] = dial_schedule(knots, monotone="handoff" not in parts)
         grid = np.round(np.arange(-0.5, 3.01, STEP), 2)
     else: raise SystemExit(f"unknown candidate {name!r}")
