@@ -216,17 +216,20 @@ def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, 
 def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
                       records:list, # Held-out records nobody tuned on (the reporting half)
                       dial:dict, # From `sweep.dial_settings` on the tuning half: domain -> level -> {knob: λ} or None
+                      tune:list, # The tuning half: its queries are answered too for the well-formed share
                      )->dict: # `measure_dial`'s result
     "The plain knobs' dial, chosen on the tuning half, measured on the reporting half (`measure_dial`)."
-    return measure_dial(*_knobs(base, vectors), records, dial)
+    return measure_dial(*_knobs(base, vectors), records, dial, well_formed_records=tune + records)
 
 def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  records:list, # Held-out records nobody tuned on (the reporting half)
                  dial:dict, # domain -> level -> {knob: λ} or None (chosen elsewhere)
+                 well_formed_records:list|None=None, # Records whose own-domain queries are answered greedily at each setting
                 )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
     """A dial measured on `records` at settings chosen elsewhere: whether each level is the strict plurality of its
     domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
-    every knob at 0 to each domain's highest-level setting."""
+    every knob at 0 to each domain's highest-level setting. With `well_formed_records`, each setting's greedy answers
+    to that domain's queries among them: the well-formed share and how many answers it counts."""
     zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
     def table(lam:dict)->pd.DataFrame:  # one evaluation per distinct setting
         key = json.dumps(zero | lam, sort_keys=True)
@@ -243,6 +246,9 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
             hit = lambda g: None if g.empty else plurality(share_matrix(g).loc[d]) == lvl
             reached[d][lvl] = {"setting": lam, "share": float((own.preferred == lvl).mean()), "reached": hit(own),
                                "reached_seen": hit(own[~unseen]), "reached_unseen": hit(own[unseen])}
+            if well_formed_records is not None:
+                queries = _own_queries(well_formed_records, d)
+                reached[d][lvl] |= {"well_formed": float(_well_formed_at(knobs, tokenizer, queries, lam)), "well_formed_n": len(queries)}
         top = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
         if top is None: leakage[d] = None; continue
         after = share_matrix(table(top))
@@ -316,12 +322,11 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     trained = {d: dict(zip(LEVELS, (s for s, _ in kn))) for d, kn in knots.items()}  # s = 0, 1, 2: base, generic model, expert model
     sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed, trained)
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
-    well = {d: {l: None if lam is None else float(_well_formed_at(knobs, tok, _own_queries(tune + report, d), lam)) for l, lam in lv.items()}
-            for d, lv in settings.items()}  # the reported share: every sampled query of the domain
     targets = targets_for(tuple(settings), LEVELS)
     rows = targets_by_dials(knobs, tok, settings, targets, tune)
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
-    levels = measure_dial(knobs, tok, report, settings)
+    levels = measure_dial(knobs, tok, report, settings, well_formed_records=tune + report)  # well-formed: every sampled query of the domain
+    well = {d: {l: v and v["well_formed"] for l, v in lv.items()} for d, lv in levels["reached"].items()}
     dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
     def search():
         best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1, targets=targets)
@@ -509,7 +514,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     dial_of = lambda r: dial_settings(sweep_part(_df(r["sweep"]), "tune"))  # settings per domain and level, chosen on the tuning half
     jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", dial_of(r), parts),
-                                                  "dial_report_stage", (base, vec("plain"), report_half, dial_of(r))))
+                                                  "dial_report_stage", (base, vec("plain"), report_half, dial_of(r), tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
     jobs["handwritten"] = (("sweep", "surrogate"),
@@ -631,7 +636,8 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
            md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
            "## The dial: per level, the swept setting chosen on the tuning half, measured on the reporting half", "",
            md_table(pd.DataFrame([{"domain": d, "level": l, "setting": json.dumps(v["setting"]), "share": v["share"], "reached": v["reached"],
-                                   "reached (seen topics)": v["reached_seen"], "reached (unseen topics)": v["reached_unseen"]}
+                                   "reached (seen topics)": v["reached_seen"], "reached (unseen topics)": v["reached_unseen"],
+                                   "well-formed": v.get("well_formed"), "greedy answers": v.get("well_formed_n")}
                                   if v else {"domain": d, "level": l, "setting": "not reached on the tuning half"}
                                   for d, lv in report["dial_reached"].items() for l, v in lv.items()])), "",
            "Along the swept λ, the strict plurality of each knob's own queries on the reporting half (– on a tie), and whether "

@@ -372,8 +372,9 @@ def pipeline_metrics(paths:dict, # From `tiny_pipeline`
 
 
 # %% ../nbs/02_train.ipynb #j01d1a02
-JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, stop_margin=None) # 2 targets per step, 2 queries of every domain each
-JOINT_NLL = 1.0 # Weight of the likelihood term in the dials' joint training
+JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, beta=0.03, stop_margin=None) # 2 targets per step, 2 queries of every domain each;
+    # a low β: DPO's loss keeps pushing the other levels down after the training topics are separated (what carries to unseen topics)
+JOINT_NLL = 0.05 # Weight of the likelihood term in the dials' joint training: enough to keep greedy answers well-formed
 
 class DialSteps(torch.nn.Module):
     """Trainable steps around a model, one per key, each shaped like the model's weights (zero at the start). `use(active)`
@@ -483,7 +484,7 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
     key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed,
                      *([floor] if floor else []))
     folder = root/f"joint-{key}"
-    names = {d: {l: folder/f"{d}-{l}" for l in levels[1:]} for d in domains}
+    names = {d: {l: folder/f"{d}-{l}-{key}" for l in levels[1:]} for d in domains}  # a name carries its run's settings, as every stage's does
     def build(out):
         with atomic_dir(out, overwrite=True) as tmp:
             base, tok = load_model(base_dir, dtype=torch.float32)
@@ -494,13 +495,13 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
             for d in domains:
                 for l in levels[1:]:
                     model = steps.use([(d, x) for x in level_steps(levels, l)])
-                    save_checkpoint(model, tok, tmp/f"{d}-{l}")
+                    save_checkpoint(model, tok, tmp/names[d][l].name)
                     answers = well_formed(model, tok, [r["query"] for r in data["test"] if r["domain"] == d][:n_wellformed])
                     metrics["models"].append({"domain": d, "level": l, "well_formed": float(answers.problem.isna().mean()),
                                               "well_formed_n": len(answers)})
             write_csv(tmp/"log.csv", log)
             for m in metrics["models"]:  # beside each checkpoint too, as every DPO stage keeps them (`pipeline_metrics`)
-                write_json(tmp/f"{m['domain']}-{m['level']}.metrics.json", {**m, **{k: v for k, v in metrics.items() if k != "models"}})
+                write_json(tmp/f"{names[m['domain']][m['level']].name}.metrics.json", {**m, **{k: v for k, v in metrics.items() if k != "models"}})
             write_json(tmp/"metrics.json", metrics)
         return out
     build_once(folder, build, refresh, done="metrics.json")
