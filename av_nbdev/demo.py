@@ -513,7 +513,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                              lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
     dial_of = lambda r: dial_settings(sweep_part(_df(r["sweep"]), "tune"))  # settings per domain and level, chosen on the tuning half
-    jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", dial_of(r), parts),
+    # the key names what the stage measures (the well-formed shares too), so a report made without them is measured again
+    jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", dial_of(r), parts, "well_formed"),
                                                   "dial_report_stage", (base, vec("plain"), report_half, dial_of(r), tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
