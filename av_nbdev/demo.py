@@ -33,11 +33,11 @@ from .baselines import compare_baselines
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out',
            'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'real_stage', 'copy_checkpoints', 'vector_stage',
-           'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'measure_dial',
-           'dial_knots', 'two_vector_dials', 'choose_dial_positions', 'targets_by_dials', 'dial_study_stage',
-           'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages', 'report_path',
-           'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report', 'summary_text',
-           'results_table', 'readme_section', 'update_readme']
+           'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'well_formed_check',
+           'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions', 'targets_by_dials',
+           'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
+           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
+           'dial_study_lines', 'summary_text', 'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -215,11 +215,31 @@ def dial_check(sweep:pd.DataFrame, # From `lambda_sweep` (one or several knobs, 
 
 def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
                       records:list, # Held-out records nobody tuned on (the reporting half)
-                      dial:dict, # From `sweep.dial_settings` on the tuning half: domain -> level -> {knob: λ} or None
-                      tune:list, # The tuning half: its queries are answered too for the well-formed share
-                     )->dict: # `measure_dial`'s result
-    "The plain knobs' dial, chosen on the tuning half, measured on the reporting half (`measure_dial`)."
-    return measure_dial(*_knobs(base, vectors), records, dial, well_formed_records=tune + records)
+                      sweep:list, # `lambda_sweep` rows with a "tune" part (the tuning half's shares)
+                      tune:list, # The tuning half: the settings' greedy answers are checked on its queries, and counted in the well-formed share
+                      min_well_formed:float=0.8, # A level's setting must keep this share of greedy answers to the domain's tuning queries well-formed
+                     )->dict: # `measure_dial`'s result, with "settings" (domain -> level -> {knob: λ} or None) and "tune_well_formed"
+    """The plain knobs' dial: each level's setting chosen on the tuning half (`sweep.dial_settings`: the best share among
+    the settings whose greedy answers are well-formed enough, the best share when none is), measured on the reporting half."""
+    knobs, tok = _knobs(base, vectors)
+    accept, checked = well_formed_check(knobs, tok, tune, min_well_formed)
+    settings = dial_settings(sweep_part(_df(sweep), "tune"), accept=accept)
+    return measure_dial(knobs, tok, records, settings, well_formed_records=tune + records) | {
+        "settings": settings, "tune_well_formed": [{"domain": d, "setting": dict(s), "well_formed": v} for (d, s), v in checked.items()]}
+
+def well_formed_check(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
+                      tune:list, # Records whose own-domain queries are answered greedily
+                      min_well_formed:float, # The share of well-formed answers a setting needs
+                      setting_of=None, # Optional f(domain, point) -> {knob: λ}: what a swept point sets (e.g. a dial position); default the point
+                     )->tuple: # (`accept` for `sweep.dial_settings`, {(domain, point's sorted items): well-formed share} of every point checked)
+    "A `dial_settings` acceptance test: a setting passes when enough greedy answers to its domain's queries in `tune` are well-formed."
+    checked = {}
+    def accept(d, lvl, point):
+        key = (d, tuple(sorted(point.items())))
+        if key not in checked:
+            checked[key] = float(_well_formed_at(knobs, tokenizer, _own_queries(tune, d), setting_of(d, point) if setting_of else point))
+        return checked[key] >= min_well_formed
+    return accept, checked
 
 def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  records:list, # Held-out records nobody tuned on (the reporting half)
@@ -285,13 +305,10 @@ def choose_dial_positions(knobs, tokenizer, # `Knobs` over the model, and its to
     parts = {"tune": _ids(tune), "report": _ids(report)}
     sw = pd.concat([lambda_sweep(knobs, tokenizer, tune + report, f"{d} dial", grid=grid, dial=s, cross_lams=(), parts=parts)
                     for d, s in scheds.items()], ignore_index=True)
-    checked = {}  # (domain, s) -> well-formed share of greedy answers to the domain's tuning queries
-    def well_formed_enough(d, lvl, pos):
-        key = (d, pos[f"{d} dial"])
-        if key not in checked: checked[key] = float(_well_formed_at(knobs, tokenizer, _own_queries(tune, d), scheds[d](key[1])))
-        return checked[key] >= min_well_formed
+    accept, checked = well_formed_check(knobs, tokenizer, tune, min_well_formed, lambda d, pos: scheds[d](pos[f"{d} dial"]))
     at_trained = (lambda d, lvl, pos: trained[d][lvl] == pos[f"{d} dial"]) if trained else None
-    return sw, dial_settings(sweep_part(sw, "tune"), accept=well_formed_enough, prefer=at_trained), checked
+    positions = dial_settings(sweep_part(sw, "tune"), accept=accept, prefer=at_trained)
+    return sw, positions, {(d, dict(pos)[f"{d} dial"]): v for (d, pos), v in checked.items()}
 
 def targets_by_dials(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                      settings:dict, # domain -> level -> {knob: λ} or None (not found on the tuning half)
@@ -512,13 +529,14 @@ def run_demo(out:str|Path="runs/demo", # Report folder
         jobs["baselines"] = (tuple(n for n in jobs if n.startswith("dpo-plain")),
                              lambda r: (stage_key(asdict(cfg), data_key, "baselines", sorted(str(v) for v in trained_in(r, ("plain",))["plain"].values())),
                                         "baselines_stage", ({k: str(v) for k, v in trained_in(r, ("plain",))["plain"].items()}, c)))
-    dial_of = lambda r: dial_settings(sweep_part(_df(r["sweep"]), "tune"))  # settings per domain and level, chosen on the tuning half
-    # the key names what the stage measures (the well-formed shares too), so a report made without them is measured again
-    jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", dial_of(r), parts, "well_formed"),
-                                                  "dial_report_stage", (base, vec("plain"), report_half, dial_of(r), tune)))
+    dial_of = lambda r: r["dial_report"]["settings"]  # settings per domain and level, chosen on the tuning half
+    # the key names how the stage chooses and what it measures, so a report made another way is measured again
+    jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", parts,
+                                                            "well_formed", "accepted if well-formed on the tuning half"),
+                                                  "dial_report_stage", (base, vec("plain"), report_half, r["sweep"], tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
-    jobs["handwritten"] = (("sweep", "surrogate"),
+    jobs["handwritten"] = (("dial_report", "surrogate"),
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
                                                 dial_of(r), target_settings(r["surrogate"]["best"])),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
@@ -569,7 +587,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     report |= {"knobs": {d: {"vector": report_path(files[("plain", d)], out), "domain": d, "level": "expert"} for d in DOMAINS},
                "base": report_path(paths["plain"]["base"], out) if model is None else {"path": str(base), "model": model},
                "dial": dial_of(res), "dial_check": dial_check(sweep_part(swept, "report"), sweep_part(swept, "tune")),
-               "dial_reached": res["dial_report"]["reached"], "leakage_mean_level": res["dial_report"]["leakage"]}
+               "dial_reached": res["dial_report"]["reached"], "leakage_mean_level": res["dial_report"]["leakage"],
+               "dial_tune_well_formed": res["dial_report"]["tune_well_formed"]}
     report["multidomain"]["best"] = target_settings(surr["best"])
     report["multidomain"]["best_from"] = "surrogate"
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
@@ -652,7 +671,7 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
                f"{h['records']} records. Dial levels reached there (at the settings found on generated queries): " +
                "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
                f". Multidomain targets reached there: {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""]
-    if report.get("dial_study"): md += _dial_study_md(report["dial_study"])
+    if report.get("dial_study"): md += dial_study_lines(report["dial_study"])
     if report.get("baselines"):
         cond = report["baselines_conditions"]
         md += ["## Baselines (setting chosen on a tuning half, reported on the other half)", "",
@@ -663,7 +682,7 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
 
 def _num(v)->str: return "–" if v is None or v != v else f"{v:.2f}"  # missing (None/NaN) shows as a dash
 
-def _dial_study_md(ds:dict)->list:
+def dial_study_lines(ds:dict)->list:
     "The report's section on the two-vector dials (`dial_study_stage`)."
     rows = [{"domain": d, "level": l, "position": None if ds["positions"][d][l] is None else ds["positions"][d][l][f"{d} dial"],
              "share": v and v["share"], "reached": v and v["reached"], "seen topics": v and v["reached_seen"],

@@ -14,11 +14,12 @@ from .core import AVError, build_once, cache_dir, seeded_sample, short_hash
 from .data import DOMAINS, load_splits
 from .models import base_dir, load_model, save_checkpoint
 from .stages import records_hash, write_csv, write_json
-from .train import DPOConfig, dpo, build_pairs, reward_accuracy
+from .train import DPOConfig, dpo, build_pairs, reward_accuracy, joint_dial_models
 from .vectors import base_fingerprint
 
 # %% auto #0
-__all__ = ['REAL_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity', 'sample_pairs', 'real_pipeline']
+__all__ = ['REAL_DPO', 'REAL_JOINT_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity', 'sample_pairs', 'real_pipeline',
+           'real_dial_models']
 
 # %% ../nbs/11_real.ipynb #1d952350
 REAL_DPO = DPOConfig(beta=0.1, steps=16, batch_size=4, lr=1e-5, warmup=2, max_length=256, stop_margin=15.0)
@@ -100,3 +101,21 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
     ident = base_identity(base)
     return {"base": base} | {d: _stage_real_dpo(root, base, ident, data, d, level, n_pairs, n_heldout, cfg,
                                                  freeze_embeddings, device, progress, refresh) for d in domains}
+
+# %% ../nbs/11_real.ipynb #19436764
+REAL_JOINT_DPO = DPOConfig(beta=0.1, steps=24, batch_size=4, grad_accum=2, lr=2e-5, warmup=2, max_length=256, stop_margin=None)
+
+def real_dial_models(base:Path, # The base's HF folder (see `base_dir`)
+                     out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"real"`
+                     dpo_cfg:DPOConfig|None=None, # Default `REAL_JOINT_DPO`
+                     freeze_embeddings:bool=True, # Keep the (tied) input embeddings fixed: no dial step for them
+                     seed:int=0, # Seeds the targets drawn and the queries
+                     n_wellformed:int=16, # Held-out queries answered greedily per model for the well-formed check
+                     progress:bool=True, # tqdm bars
+                     refresh:bool=False, # Train again although cached
+                    )->dict: # domain -> level -> checkpoint folder (`train.joint_dial_models`)
+    "Every domain's dial steps on a pretrained base, trained together or reused: `<out_dir>/<base name>/<base content>/joint-<key>/`."
+    base = base_dir(base)
+    root = Path(out_dir or cache_dir()/"real")/base.name/base_identity(base)
+    return joint_dial_models(base, root, dataclasses.replace(dpo_cfg or REAL_JOINT_DPO, seed=seed), n_wellformed=n_wellformed,
+                             prepare=freeze_embeddings_ if freeze_embeddings else None, progress=progress, refresh=refresh)

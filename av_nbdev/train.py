@@ -377,7 +377,7 @@ JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, beta=0.03, stop_mar
 JOINT_NLL = 0.05 # Weight of the likelihood term in the dials' joint training: enough to keep greedy answers well-formed
 
 class DialSteps(torch.nn.Module):
-    """Trainable steps around a model, one per key, each shaped like the model's weights (zero at the start). `use(active)`
+    """Trainable steps around a model, one per key, each shaped like the model's trainable weights (zero at the start). `use(active)`
     sets the model's weights to θ + the active steps; after a backward pass through the model, `collect(active)` adds its
     weight gradients to each active step: the weights are θ + Σ steps, so that is each step's gradient."""
     def __init__(self, model, # The causal LM whose weights are θ; its weights are overwritten by `use`
@@ -386,7 +386,8 @@ class DialSteps(torch.nn.Module):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: the optimiser sees the steps only
         self.keys = list(keys)
-        self.theta = [p.detach().clone() for p in model.parameters()]
+        self.params = [p for p in model.parameters() if p.requires_grad]  # a frozen weight (e.g. the embeddings) gets no step
+        self.theta = [p.detach().clone() for p in self.params]
         self.steps = torch.nn.ModuleList(torch.nn.ParameterList(torch.zeros_like(t) for t in self.theta) for _ in self.keys)
 
     def _on(self, active)->list: return [self.steps[self.keys.index(k)] for k in active]
@@ -395,13 +396,13 @@ class DialSteps(torch.nn.Module):
         "Set the model's weights to θ plus the steps of the `active` keys; the model."
         on = self._on(active)
         with torch.no_grad():
-            for i, p in enumerate(self.model.parameters()): p.copy_(self.theta[i] + sum(s[i] for s in on) if on else self.theta[i])
+            for i, p in enumerate(self.params): p.copy_(self.theta[i] + sum(s[i] for s in on) if on else self.theta[i])
         return self.model
 
     def collect(self, active):
         "Move the model's weight gradients into the steps of the `active` keys."
         on = self._on(active)
-        for i, p in enumerate(self.model.parameters()):
+        for i, p in enumerate(self.params):
             if p.grad is None: continue
             for s in on: s[i].grad = p.grad.clone() if s[i].grad is None else s[i].grad + p.grad
             p.grad = None
@@ -472,6 +473,7 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
                       floor:float=0.0, # Weight of the likelihood floor (`joint_dpo`)
                       data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                       n_wellformed:int=30, # Held-out queries answered greedily per model for the well-formed check
+                      prepare=None, # Applied to the loaded base before its steps are made, e.g. `real.freeze_embeddings_` (its name joins the key)
                       refresh:bool=False, # Train again although cached
                       progress:bool=True,
                      )->dict: # domain -> level -> checkpoint folder, for every level above the lowest
@@ -482,15 +484,16 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
     base_dir = Path(base_dir)
     root = Path(out_dir) if out_dir is not None else base_dir.parent
     key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed,
-                     *([floor] if floor else []))
+                     *([floor] if floor else []), *([prepare.__name__] if prepare else []))
     folder = root/f"joint-{key}"
     names = {d: {l: folder/f"{d}-{l}-{key}" for l in levels[1:]} for d in domains}  # a name carries its run's settings, as every stage's does
     def build(out):
         with atomic_dir(out, overwrite=True) as tmp:
             base, tok = load_model(base_dir, dtype=torch.float32)
+            if prepare: prepare(base)
             steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress)
             metrics = {"steps": len(log), "seconds": float(log.seconds.iloc[-1]), "train_margin": float(log.margin.iloc[-cfg.window:].mean()),
-                       "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll,
+                       "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll, "beta": cfg.beta,
                        "models": []}
             for d in domains:
                 for l in levels[1:]:
