@@ -18,8 +18,8 @@ from .train import DPOConfig, dpo, build_pairs, reward_accuracy, joint_dial_mode
 from .vectors import base_fingerprint
 
 # %% auto #0
-__all__ = ['REAL_DPO', 'REAL_JOINT_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity', 'sample_pairs', 'real_pipeline',
-           'real_dial_models']
+__all__ = ['REAL_DPO', 'REAL_JOINT_DPO', 'REAL_CHAIN_EXPERT_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity',
+           'sample_pairs', 'real_pipeline', 'real_dial_models', 'real_chained_dials']
 
 # %% ../nbs/11_real.ipynb #1d952350
 REAL_DPO = DPOConfig(beta=0.1, steps=16, batch_size=4, lr=1e-5, warmup=2, max_length=256, stop_margin=15.0)
@@ -119,3 +119,22 @@ def real_dial_models(base:Path, # The base's HF folder (see `base_dir`)
     root = Path(out_dir or cache_dir()/"real")/base.name/base_identity(base)
     return joint_dial_models(base, root, dataclasses.replace(dpo_cfg or REAL_JOINT_DPO, seed=seed), n_wellformed=n_wellformed,
                              prepare=freeze_embeddings_ if freeze_embeddings else None, progress=progress, refresh=refresh)
+
+# %% ../nbs/11_real.ipynb #d33652d7
+REAL_CHAIN_EXPERT_DPO = dataclasses.replace(REAL_DPO, steps=32, lr=2e-5)
+
+def real_chained_dials(base:Path, # The base's HF folder (see `base_dir`)
+                       out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"real"`
+                       domains:tuple=DOMAINS, # One dial per domain
+                       generic_cfg:DPOConfig|None=None, # The generic step's DPO; default `REAL_DPO`
+                       expert_cfg:DPOConfig|None=None, # The expert step's DPO; default `REAL_CHAIN_EXPERT_DPO`
+                       n_pairs:int=64, # Training pairs per domain for the generic step
+                       n_expert_pairs:int=128, # Training pairs per domain for the expert step
+                       **kw, # Passed to `real_pipeline` (freeze_embeddings, seed, progress, n_heldout, data_dir, device, refresh)
+                      )->dict: # domain -> {"generic": checkpoint, "expert": checkpoint}
+    """Each domain's dial as a chain of two DPO models, trained or reused: the base towards generic, then that model
+    towards expert against itself as reference. The expert model is cached under its generic model's name."""
+    generic = real_pipeline(base, out_dir, domains, "generic", n_pairs, generic_cfg or REAL_DPO, **kw)
+    return {d: {"generic": generic[d],
+                "expert": real_pipeline(generic[d], out_dir, (d,), "expert", n_expert_pairs, expert_cfg or REAL_CHAIN_EXPERT_DPO, **kw)[d]}
+            for d in domains}
