@@ -169,8 +169,9 @@ def add_demo(sub):
     p.add_argument("--per-domain", type=int, default=None, help="held-out queries per domain in sweeps and searches")
     p.add_argument("--anchored", action="store_true", help="also train anchored DPO vectors (little leakage; ~1 min more) "
                    "and run the multidomain search on them")
-    p.add_argument("--dial", action="store_true", help="also train every domain's generic and expert dial steps together (~5 min) "
-                   "and measure each domain's dial and the 27 targets set dial by dial (report: dial_study)")
+    p.add_argument("--dial", action="store_true", help="also train every domain's generic and expert dial steps (tiny model: together, ~5 min; a real "
+                   "model: a chain of two DPO models per domain) and measure each domain's dial and the 27 targets set "
+                   "dial by dial (report: dial_study)")
     p.add_argument("--seed", type=int, default=0, help="seed for data sampling, training and DARE")
     p.set_defaults(run=run_demo_cmd)
 
@@ -178,7 +179,7 @@ def run_demo_cmd(args):
     from dataclasses import replace
     from av_nbdev.demo import run_demo, DemoConfig, REAL_DEMO
     real = args.model != "tiny"
-    cfg = replace(REAL_DEMO if real else DemoConfig(), seed=args.seed, anchored=args.anchored, dial_vectors=args.dial)  # real + either: refused
+    cfg = replace(REAL_DEMO if real else DemoConfig(), seed=args.seed, anchored=args.anchored, dial_vectors=args.dial)  # real + anchored: refused
     if args.per_domain is not None:
         if args.per_domain < 1: raise AVError(f"--per-domain must be at least 1, got {args.per_domain}")
         cfg.per_domain = args.per_domain

@@ -32,12 +32,12 @@ from .baselines import compare_baselines
 
 # %% auto #0
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out',
-           'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'real_stage', 'copy_checkpoints', 'vector_stage',
-           'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage', 'well_formed_check',
-           'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions', 'targets_by_dials',
-           'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table', 'run_stages',
-           'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo', 'write_report',
-           'dial_study_lines', 'summary_text', 'results_table', 'readme_section', 'update_readme']
+           'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'dial_vector', 'real_stage', 'copy_checkpoints',
+           'vector_stage', 'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage',
+           'well_formed_check', 'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions',
+           'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table',
+           'run_stages', 'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo',
+           'write_report', 'dial_study_lines', 'summary_text', 'results_table', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -118,15 +118,25 @@ def dial_stage(cache:Path, out:Path, kind:str, domain:str, seed:int, steps:int, 
     """One step of a domain's dial (`DIAL_KINDS`): every domain's dial models, trained together or reused in `cache`
     (`train.joint_dial_models`), and this step's vector in the report — generic − base, or expert − generic; the model's folder."""
     base = tiny_pipelines((False,), cache, domains=(), seed=seed, progress=False)[False]["base"]
-    level = KINDS[kind][1]
     models = joint_dial_models(base, dpo_cfg=replace(JOINT_DPO, steps=steps, seed=seed), progress=False, refresh=fresh)[domain]
-    _extract(base if kind == "dial_generic" else models["generic"], models[level], vector_file(out, kind, domain), domain, kind, "float32")
-    return str(models[level])
+    dial_vector(out, base, models, kind, domain, "float32")
+    return str(models[KINDS[kind][1]])
+
+def dial_vector(out:Path, base:Path, # Report folder; the base the dial starts from
+                models:dict, # {"generic": checkpoint, "expert": checkpoint}: one domain's dial models
+                kind:str, domain:str, dtype:str)->Path:
+    "A dial step's vector in the report: generic − base, or expert − generic (the expert step starts from the generic model)."
+    below = base if kind == "dial_generic" else models["generic"]
+    return _extract(below, models[KINDS[kind][1]], vector_file(out, kind, domain), domain, kind, dtype)
 
 def real_stage(base:Path, cfg:DemoConfig, progress:bool, fresh:bool=False)->dict:
-    "One expert DPO model per domain from a real base folder (`real.real_pipeline`), trained or reused."
-    from av_nbdev.real import real_pipeline
-    return {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress, refresh=fresh)}
+    """One expert DPO model per domain from a real base folder (`real.real_pipeline`), and with `cfg.dial_vectors` each
+    domain's dial as a chain of two DPO models (`real.real_chained_dials`), trained or reused: kind -> {"base", domain: checkpoint}."""
+    from av_nbdev.real import real_pipeline, real_chained_dials
+    kinds = {"plain": real_pipeline(base, n_pairs=cfg.real_pairs, seed=cfg.seed, progress=progress, refresh=fresh)}
+    if not cfg.dial_vectors: return kinds
+    chain = real_chained_dials(base, n_pairs=cfg.real_pairs, n_expert_pairs=2 * cfg.real_pairs, seed=cfg.seed, progress=progress, refresh=fresh)
+    return kinds | {k: {"base": kinds["plain"]["base"]} | {d: chain[d][KINDS[k][1]] for d in DOMAINS} for k in DIAL_KINDS}
 
 def copy_checkpoints(out:Path, paths:dict)->dict:
     "Copy the checkpoints into `out/checkpoints/<folder>` (once each, atomically): the report folder stands alone."
@@ -483,8 +493,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     workers = workers or os.cpu_count() or 1
     if model is not None:  # check the model and the settings before anything is written
         from av_nbdev.models import base_dir
-        if cfg.anchored or cfg.retrain_targets or cfg.dial_vectors:
-            raise AVError(f"model {model}: anchored vectors, two-vector dials and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
+        if cfg.anchored or cfg.retrain_targets:
+            raise AVError(f"model {model}: anchored vectors and the retraining comparison are tiny-model stages; use REAL_DEMO sizes")
         real_base = base_dir(model)
     out = prepare_out(out, fresh)
     set_seed(cfg.seed)
@@ -504,10 +514,12 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                                                             fresh and f"dpo-{k}-{d}" == first)))
                  for k in kinds if k in DIAL_KINDS for d in DOMAINS}
         trained_in = lambda r, ks: {k: {**shared, **{d: Path(r[f"dpo-{k}-{d}"]) for d in DOMAINS}} for k in ks}
-    else:  # a real model trains its three DPO models here, on every core
+    else:  # a real model trains its DPO models here (three, and six more for the dials), on every core
         real, t_base = _timed(lambda: real_stage(real_base, cfg, progress, fresh))
         shared, jobs, trained_in = {"base": real["plain"]["base"]}, {}, lambda r, ks: {k: real[k] for k in ks}
-        vector_stage(out, real, "bfloat16")
+        vector_stage(out, {"plain": real["plain"]}, "bfloat16")
+        for k in (DIAL_KINDS if cfg.dial_vectors else ()):  # each dial's expert step is taken against its generic model
+            for d in DOMAINS: dial_vector(out, real["plain"]["base"], {lvl: real[f"dial_{lvl}"][d] for lvl in ("generic", "expert")}, k, d, "bfloat16")
     base, md_kind = shared["base"], "anchored" if cfg.anchored else "plain"
     vec = lambda kind: {d: vector_file(out, kind, d) for d in DOMAINS}
     names = lambda r, ks: sorted({base.name, *(ckpt.name for kind in trained_in(r, ks).values() for ckpt in kind.values())})
