@@ -20,7 +20,8 @@ from .vectors import (AlignmentVector, base_fingerprint, fingerprint_mismatch, c
 
 # %% auto #0
 __all__ = ['METHODS', 'magnitude_trim', 'random_drop', 'register_method', 'task_arithmetic', 'linear', 'ties', 'dare',
-           'dare_ties', 'stacked_factors', 'compose', 'copy_model_files', 'iter_merged', 'merge_checkpoint']
+           'dare_ties', 'stacked_factors', 'compose', 'copy_model_files', 'iter_merged', 'merge_checkpoint',
+           'remove_shared', 'orthogonalize', 'orthogonalize_domains']
 
 # %% ../nbs/04_compose.ipynb #d79a83c9
 def magnitude_trim(d:torch.Tensor, # A difference tensor (fp32)
@@ -273,3 +274,53 @@ def merge_checkpoint(base_dir:str|Path, # Base checkpoint folder (safetensors, s
         # `w.add` has written each tensor out when it returns, so the merge can reuse its output buffers
         for n, t in iter_merged(base, vs, weights, method, densities, seed, progress, reuse=True): w.add(n, t)
     return Path(out_dir)
+
+# %% ../nbs/04_compose.ipynb #d9158958
+def remove_shared(t:torch.Tensor, # One vector's tensor
+                  others:Sequence[torch.Tensor], # The same tensor in the vectors whose directions are removed
+                  amount:float=1.0, # Share of the projection removed: 0 keeps `t`, 1 leaves it orthogonal to each of `others`
+                 )->torch.Tensor: # fp32, the shape of `t`
+    "`t` minus `amount` × its least-squares projection onto the span of `others` (linearly dependent `others` are fine)."
+    t = t.float()
+    if not others: return t.clone()
+    flat = [o.float().reshape(-1) for o in others]
+    gram = torch.tensor([[float(a @ b) for b in flat] for a in flat], dtype=torch.float64)
+    dots = torch.tensor([float(a @ t.reshape(-1)) for a in flat], dtype=torch.float64)
+    coef = torch.linalg.pinv(gram, hermitian=True) @ dots  # pinv: a zero or repeated direction gets no weight twice
+    out = t.clone()
+    for c, o in zip(coef.tolist(), others): out.sub_(o.float(), alpha=amount * c)
+    return out
+
+def orthogonalize(vector, # An AlignmentVector or the path of a vector file
+                  others:Sequence, # AlignmentVectors or paths: the directions removed, tensor by tensor
+                  amount:float=1.0, # Share of each tensor's projection removed (0 … 1)
+                  allow_transfer:bool=False, # Accept others made from a different base (same names and shapes)
+                  dtype:str|torch.dtype=torch.float32, # Stored dtype of the result
+                 )->AlignmentVector:
+    "`vector` without what it shares with `others`: each tensor minus `amount` × its projection on the others' same tensor."
+    if not (isinstance(amount, (int, float)) and 0 <= amount <= 1): raise AVError(f"orthogonalize: amount={amount!r} must lie in [0, 1]")
+    vector, others, dtype = _as_vector(vector), [_as_vector(o) for o in others], as_store_dtype(dtype)
+    _check_same_base([vector, *others], allow_transfer)
+    tensors, norms, numels, omitted = {}, {}, {}, []
+    for n in vector.names():
+        t = remove_shared(vector[n], [o[n] for o in others if n in o], amount)
+        numels[n] = t.numel()
+        if not t.any(): omitted.append(n); continue  # nothing left: stored as zero, like an extraction
+        tensors[n], norms[n] = t.to(dtype), float(t.norm())
+    source = lambda v: {k: v.meta.get(k) for k in ("domain", "level", "base", "aligned")}
+    meta = {k: v for k, v in vector.meta.items() if k not in ("norm", "norms", "omitted", "ranks", "param_count", "n_tensors")}
+    meta |= {"dtype": dtype_name(dtype), "package_version": av_nbdev.__version__,
+             "orthogonalized": {"amount": float(amount), "against": [source(o) for o in others]}}
+    return AlignmentVector(tensors, vector_stats(meta, norms, numels, vector.meta.get("omitted", []) + omitted))
+
+def orthogonalize_domains(vectors:dict, # knob -> AlignmentVector or path, each with metadata `domain`
+                          amount:float=1.0, # As for `orthogonalize`
+                          allow_transfer:bool=False, # As for `orthogonalize`
+                          dtype:str|torch.dtype=torch.float32, # Stored dtype of the results
+                         )->dict: # knob -> orthogonalized AlignmentVector
+    "Each vector orthogonalized against every vector of the other domains; a domain's own vectors (a dial's steps) are kept as they are."
+    vectors = {k: _as_vector(v) for k, v in vectors.items()}
+    domain = {k: v.meta.get("domain") for k, v in vectors.items()}
+    if None in domain.values(): raise AVError(f"orthogonalize_domains: {short_list([k for k, d in domain.items() if d is None])} carry no domain in their metadata")
+    return {k: orthogonalize(v, [o for j, o in vectors.items() if domain[j] != domain[k]], amount, allow_transfer, dtype)
+            for k, v in vectors.items()}

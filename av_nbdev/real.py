@@ -14,7 +14,7 @@ from .core import AVError, build_once, cache_dir, seeded_sample, short_hash
 from .data import DOMAINS, load_splits
 from .models import base_dir, load_model, save_checkpoint
 from .stages import records_hash, write_csv, write_json
-from .train import DPOConfig, dpo, build_pairs, reward_accuracy, joint_dial_models
+from .train import DPOConfig, dpo, build_pairs, reward_accuracy, joint_dial_models, anchor_records, preference_anchors
 from .vectors import base_fingerprint
 
 # %% auto #0
@@ -56,20 +56,24 @@ def sample_pairs(records:list, # Records in the data schema
     return seeded_sample(pairs, n, seed)
 
 # %% ../nbs/11_real.ipynb #799b3bd5
-def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress, refresh=False)->Path:
+def _stage_real_dpo(root, base, ident, data, domain, level, n_pairs, n_heldout, cfg, freeze, device, progress,
+                    anchor_share=0.0, refresh=False)->Path:
     train_pairs = sample_pairs(data["train"], domain, level, n_pairs, cfg.seed)
     heldout_pairs = sample_pairs(data["test"], domain, level, n_heldout, cfg.seed)
+    anchor_recs = anchor_records(data["train"], domain, level, anchor_share, cfg.seed, n_pairs=n_pairs) if anchor_share else []
+    anchored = ("anchors", anchor_share, records_hash(anchor_recs)) if anchor_share else ()  # unanchored keys stay as they were
     key = short_hash("real-dpo", base.name, ident, records_hash(train_pairs), records_hash(heldout_pairs), domain,
-                     level, dataclasses.asdict(cfg), freeze, av_nbdev.__version__)  # keyed on the pairs it trains and scores on
+                     level, dataclasses.asdict(cfg), freeze, av_nbdev.__version__, *anchored)  # keyed on the pairs it trains and scores on
     def build(out):
         reference, tok = load_model(base, device=device, dtype=torch.float32)
         policy, _ = load_model(base, device=device, dtype=torch.float32)
         counts = freeze_embeddings_(policy) if freeze else param_counts(policy)
+        anchors = preference_anchors(reference, tok, anchor_recs, level) if anchor_recs else []  # the reference's preferences elsewhere
         t0 = time.perf_counter()
-        log = dpo(policy, reference, tok, train_pairs, cfg, progress=progress)
+        log = dpo(policy, reference, tok, train_pairs + anchors, cfg, progress=progress)
         secs = time.perf_counter() - t0
         held = reward_accuracy(policy, reference, tok, heldout_pairs, beta=cfg.beta)
-        metrics = {"domain": domain, "level": level, "n_pairs": n_pairs, "steps": len(log), "seconds": secs,
+        metrics = {"domain": domain, "level": level, "n_pairs": n_pairs, "anchor_pairs": len(anchors), "steps": len(log), "seconds": secs,
                    "seconds_per_step": secs / len(log), "freeze_embeddings": freeze, **counts,
                    "train_margin": float(log.margin.iloc[-1]), "train_reward_acc": float(log.reward_acc.iloc[-1]),
                    "heldout_reward_accuracy": held["reward_accuracy"], "heldout_margin": held["margin"],
@@ -92,6 +96,7 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
                   data_dir:str|Path|None=None, # Dataset folder; default the repository's data/
                   device:str|None=None, # e.g. "cuda"; default CPU (not part of the cache key)
                   refresh:bool=False, # Train the DPO models again although cached (they replace the cached ones)
+                  anchor_share:float=0.0, # Anchoring pairs, as a share of `n_pairs`: other domains' queries, the reference's preferred level ≻ `level`
                  )->dict: # {"base": base, <domain>: DPO checkpoint folder, ...}
     "DPO of a pretrained base per domain (or reuse from the cache): `<out_dir>/<base name>/dpo-<domain>-<level>-<hash>`."
     base = base_dir(base)
@@ -100,7 +105,7 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
     root = Path(out_dir or cache_dir()/"real")/base.name
     ident = base_identity(base)
     return {"base": base} | {d: _stage_real_dpo(root, base, ident, data, d, level, n_pairs, n_heldout, cfg,
-                                                 freeze_embeddings, device, progress, refresh) for d in domains}
+                                                 freeze_embeddings, device, progress, anchor_share, refresh) for d in domains}
 
 # %% ../nbs/11_real.ipynb #19436764
 REAL_JOINT_DPO = DPOConfig(beta=0.1, steps=24, batch_size=4, grad_accum=2, lr=2e-5, warmup=2, max_length=256, stop_margin=None)
@@ -130,7 +135,7 @@ def real_chained_dials(base:Path, # The base's HF folder (see `base_dir`)
                        expert_cfg:DPOConfig|None=None, # The expert step's DPO; default `REAL_CHAIN_EXPERT_DPO`
                        n_pairs:int=64, # Training pairs per domain for the generic step
                        n_expert_pairs:int=128, # Training pairs per domain for the expert step
-                       **kw, # Passed to `real_pipeline` (freeze_embeddings, seed, progress, n_heldout, data_dir, device, refresh)
+                       **kw, # Passed to `real_pipeline` (freeze_embeddings, seed, progress, n_heldout, data_dir, device, refresh, anchor_share)
                       )->dict: # domain -> {"generic": checkpoint, "expert": checkpoint}
     """Each domain's dial as a chain of two DPO models, trained or reused: the base towards generic, then that model
     towards expert against itself as reference. The expert model is cached under its generic model's name."""

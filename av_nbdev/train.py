@@ -23,8 +23,8 @@ from .stages import records_hash, write_json, write_csv, run_jobs, threads
 # %% auto #0
 __all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft',
            'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records',
-           'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'DialSteps', 'level_steps',
-           'joint_dpo', 'joint_dial_models']
+           'preference_anchors', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'DialSteps',
+           'level_steps', 'joint_dpo', 'joint_dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -240,10 +240,21 @@ def anchor_records(records:list, # Training records
                    level:str, # Preferred level in that domain
                    anchor_share:float=0.15, # Anchoring queries as a share of the domain's pairs
                    seed:int=0, # Which other-domain records become anchors
+                   n_pairs:int|None=None, # The domain's pairs the share is of; default all of them in `records`
                   )->list[dict]:
     "The other domains' records whose queries become anchoring pairs: a seeded sample, `anchor_share` of the domain's pairs."
     others = [r for r in records if r["domain"] != domain]
-    return seeded_sample(others, round(anchor_share * len(dpo_pairs(records, domain, level))), seed)
+    n_pairs = len(dpo_pairs(records, domain, level)) if n_pairs is None else n_pairs
+    return seeded_sample(others, round(anchor_share * n_pairs), seed)
+
+def preference_anchors(model, # The model whose preferences are kept (the DPO reference)
+                       tokenizer, # Its tokenizer
+                       records:list, # Other domains' records (`anchor_records`)
+                       level:str, # The level being trained elsewhere
+                      )->list[dict]: # One pair per record, "anchor": True; none where `model` already prefers `level`
+    "Anchoring pairs: on each record the level `model` prefers ≻ `level`, so training `level` elsewhere leaves these queries where they were."
+    return [p | {"anchor": True} for r, pref in zip(records, base_preference(model, tokenizer, records))
+            for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
 
 def build_pairs(records:list, # Training records
                 domain:str, # Domain to align
@@ -258,10 +269,7 @@ def build_pairs(records:list, # Training records
     pairs = dpo_pairs(records, domain, level)
     if not anchor: return pairs
     if base is None or tokenizer is None: raise AVError("build_pairs: anchor=True needs base and tokenizer")
-    others = anchor_records(records, domain, level, anchor_share, seed)
-    anchors = [p | {"anchor": True} for r, pref in zip(others, base_preference(base, tokenizer, others))
-               for p in dpo_pairs([r], r["domain"], pref) if p["rejected_level"] == level]
-    return pairs + anchors
+    return pairs + preference_anchors(base, tokenizer, anchor_records(records, domain, level, anchor_share, seed), level)
 
 # %% ../nbs/02_train.ipynb #8303847e
 PRETRAIN = SFTConfig(steps=100, batch_size=16, lr=3e-3, warmup=10, max_length=128)
