@@ -310,7 +310,7 @@ def orthogonalize(vector, # An AlignmentVector or the path of a vector file
     source = lambda v: {k: v.meta.get(k) for k in ("domain", "level", "base", "aligned")}
     meta = {k: v for k, v in vector.meta.items() if k not in ("norm", "norms", "omitted", "ranks", "param_count", "n_tensors")}
     meta |= {"dtype": dtype_name(dtype), "package_version": av_nbdev.__version__,
-             "orthogonalized": {"amount": float(amount), "against": [source(o) for o in others]}}
+             "orthogonalized": {"amount": float(amount), "norm_before": vector.meta.get("norm"), "against": [source(o) for o in others]}}
     return AlignmentVector(tensors, vector_stats(meta, norms, numels, vector.meta.get("omitted", []) + omitted))
 
 def orthogonalize_domains(vectors:dict, # knob -> AlignmentVector or path, each with metadata `domain`

@@ -20,6 +20,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 from av_nbdev.core import short_hash
 from av_nbdev.stages import records_hash, write_json
@@ -34,6 +35,7 @@ def dial_models(model:str, seed:int, anchor_share:float=0.0)->tuple:
     dials, trained or reused; with `anchor_share` the chain's steps also train on anchoring pairs, their step counts
     × (1 + anchor_share) so that each domain's own pairs are seen as often."""
     if model == "tiny":
+        torch.set_num_threads(1)  # tiny matrices: one thread is faster (as in `av demo`)
         from av_nbdev.train import JOINT_DPO, joint_dial_models, tiny_pipelines
         base = tiny_pipelines((False,), domains=(), seed=seed, progress=False)[False]["base"]
         return base, joint_dial_models(base, dpo_cfg=replace(JOINT_DPO, seed=seed), progress=False), "float32"
