@@ -13,7 +13,7 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.5   # the chain trained with anchors
 
-Results are kept in --out/<model>-<amount>.json (a rerun with the same settings reads them).
+Vectors and results are kept in --out/<hash of model, seed, anchor share>/ (a rerun with the same settings reads them).
 """
 import argparse, json, time
 from dataclasses import asdict, replace
@@ -24,7 +24,7 @@ import torch
 
 from av_nbdev.core import short_hash
 from av_nbdev.stages import records_hash, write_json
-from av_nbdev.demo import DemoConfig, dial_study_stage, dial_vector, DIAL_KINDS, KINDS, vector_file
+from av_nbdev.demo import DemoConfig, dial_study_stage, dial_vector, DIAL_KINDS, KINDS
 from av_nbdev.compose import orthogonalize_domains
 from av_nbdev.data import DOMAINS, load_splits
 from av_nbdev.sweep import sample_records, split_halves
