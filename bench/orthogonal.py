@@ -11,7 +11,7 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py                          # the tiny model's joint dials (`av demo --dial`)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.5   # the chain trained with anchors
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25  # the chain trained with anchors (its models' training printed too)
 
 Vectors and results are kept in --out/<hash of model, seed, anchor share>/ (a rerun with the same settings reads them).
 """
@@ -57,6 +57,13 @@ def dial_files(out:Path, base:Path, models:dict, dtype:str, amount:float)->dict:
     if not all(f.exists() for f in done.values()):
         for k, v in orthogonalize_domains(files, amount, allow_transfer=True, dtype=dtype).items(): v.save(done[k], overwrite=True)
     return done
+
+
+def training_table(models:dict)->pd.DataFrame:
+    "A real base's chain: each DPO model's pairs, anchoring pairs, steps, seconds and held-out reward accuracy and margin."
+    cols = ["domain", "level", "n_pairs", "anchor_pairs", "steps", "seconds", "heldout_reward_accuracy", "heldout_margin"]
+    metrics = [json.loads((p.parent/f"{p.name}.metrics.json").read_text()) for by_level in models.values() for p in by_level.values()]
+    return pd.DataFrame([{c: m.get(c, 0) for c in cols} for m in metrics]).round(2)
 
 
 def study(out:Path, label:str, base:Path, files:dict, tune:list, report:list, cfg:DemoConfig)->dict:
@@ -107,6 +114,7 @@ def main():
         lines.append(f"amount {amount:g}: targets dial by dial {res['targets_reached']}/27 on the reporting half "
                      f"(tuning half {res.get('targets_tune_reached', '?')}, settable {res['targets_settable']}); "
                      f"search {res['search']['reached']}/27 in {res['search']['evaluations']} passes; study {res['seconds']:.0f} s")
+    if a.model != "tiny": print(training_table(models).to_string(index=False), "\n")
     df = pd.DataFrame(table)
     if 0.0 in amounts:
         raw = df[df.amount == 0].set_index("domain")["leakage"]
