@@ -28,6 +28,7 @@ from av_nbdev.demo import DemoConfig, dial_study_stage, dial_vector, DIAL_KINDS,
 from av_nbdev.compose import orthogonalize_domains
 from av_nbdev.data import DOMAINS, load_splits
 from av_nbdev.sweep import sample_records, split_halves
+from av_nbdev.train import pipeline_metrics
 
 
 def dial_models(model:str, seed:int, anchor_share:float=0.0)->tuple:
@@ -61,9 +62,9 @@ def dial_files(out:Path, base:Path, models:dict, dtype:str, amount:float)->dict:
 
 def training_table(models:dict)->pd.DataFrame:
     "A real base's chain: each DPO model's pairs, anchoring pairs, steps, seconds and held-out reward accuracy and margin."
-    cols = ["domain", "level", "n_pairs", "anchor_pairs", "steps", "seconds", "heldout_reward_accuracy", "heldout_margin"]
-    metrics = [json.loads((p.parent/f"{p.name}.metrics.json").read_text()) for by_level in models.values() for p in by_level.values()]
-    return pd.DataFrame([{c: m.get(c, 0) for c in cols} for m in metrics]).round(2)
+    df = pd.concat([pipeline_metrics(by_level) for by_level in models.values()], ignore_index=True)
+    if "anchor_pairs" not in df: df["anchor_pairs"] = 0  # an unanchored model's metrics have no such count
+    return df[["domain", "level", "n_pairs", "anchor_pairs", "steps", "seconds", "heldout_reward_accuracy", "heldout_margin"]].round(2)
 
 
 def study(out:Path, label:str, base:Path, files:dict, tune:list, report:list, cfg:DemoConfig)->dict:
