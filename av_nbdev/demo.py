@@ -24,7 +24,7 @@ from .vectors import AlignmentVector
 from .knobs import Knobs
 from .judge import TfidfJudge, judge_accuracy
 from .scoring import well_formed
-from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, dial_schedule, targets_for, Dials, spectrum_summary, plot_spectrum,
+from .sweep import (GRID, TARGETS, sample_records, split_halves, sweep_part, measure_targets, lambda_sweep, dial_schedule, targets_for, Dials, spectrum_summary, plot_spectrum, plot_level_lines,
                            leakage_matrix, leakage_ratio, plot_leakage, grid_search, surrogate_search, retrain_target,
                            save_figure, dial_settings, plurality, share_matrix, evaluate, target_score,
                            sweep_levels, dial_levels, is_dial, mean_level, mean_level_leakage)
@@ -35,9 +35,10 @@ __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS
            'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'dial_vector', 'real_stage', 'copy_checkpoints',
            'vector_stage', 'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage',
            'well_formed_check', 'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions',
-           'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage', 'retrain_table', 'md_table',
-           'run_stages', 'report_path', 'baselines_stage', 'target_settings', 'handwritten_check', 'run_demo',
-           'write_report', 'dial_study_lines', 'summary_text', 'results_table', 'readme_section', 'update_readme']
+           'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage', 'training_seconds',
+           'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage', 'target_settings',
+           'handwritten_check', 'run_demo', 'write_report', 'dial_study_lines', 'summary_text', 'results_table',
+           'dial_study_rows', 'retrain_rows', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -340,14 +341,15 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
                      report:list, # Held-out records they are measured on
                      cfg:DemoConfig,
                      min_well_formed:float=0.8, # A level's position must keep this share of greedy answers (tuning half) well-formed
-                    )->dict: # knots, sweep checks, chosen settings, their measurement, well-formedness, targets
+                    )->dict: # knots, the sweep (own domain) and its checks, calibration time, chosen settings, their measurement, well-formedness, targets
     "Each domain's two-vector dial: swept, chosen on the tuning half, measured on the reporting half; the 27 targets set dial by dial."
     cfg = _config(cfg)
     knobs, tok = _knobs(base, vectors, transfer=True)  # an expert step's base is its generic model (base + generic vector at 1)
     knots = two_vector_dials(knobs)
     scheds = {d: dial_schedule(kn) for d, kn in knots.items()}
     trained = {d: dict(zip(LEVELS, (s for s, _ in kn))) for d, kn in knots.items()}  # s = 0, 1, 2: base, generic model, expert model
-    sw, positions, checked = choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid, min_well_formed, trained)
+    (sw, positions, checked), calibration_secs = _timed(lambda: choose_dial_positions(knobs, tok, scheds, tune, report, cfg.dial_grid,
+                                                                                      min_well_formed, trained))
     settings = {d: {l: (None if pos is None else scheds[d](pos[f"{d} dial"])) for l, pos in lv.items()} for d, lv in positions.items()}
     targets = targets_for(tuple(settings), LEVELS)
     rows = targets_by_dials(knobs, tok, settings, targets, tune)
@@ -359,8 +361,9 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
         best, n_search = surrogate_search(dials, tok, tune, probes=cfg.dial_probes, candidates=cfg.dial_candidates, verify=1, targets=targets)
         return n_search, *measure_targets(dials, tok, best, report)
     (n_search, found, n_found), secs = _timed(search)
-    n = len(tune) + len(report)
+    n, swept = len(tune) + len(report), sweep_part(sw)
     return {"knots": {d: [[s, lam] for s, lam in kn] for d, kn in knots.items()}, "grid": list(cfg.dial_grid),
+            "sweep": _records(swept[swept.metric == "preference"]), "calibration_seconds": calibration_secs,  # every sampled query of the dial's domain
             "dial_check": dial_check(sweep_part(sw, "report"), sweep_part(sw, "tune")), "positions": positions, "settings": settings,
             "levels": levels["reached"], "leakage": levels["leakage"], "well_formed": well,
             "tune_well_formed": {d: {str(s): v for (dd, s), v in checked.items() if dd == d} for d in scheds}, "targets": _records(measured),
@@ -384,20 +387,37 @@ def retrain_stage(base:Path, sample:list, target:dict, cfg:DemoConfig)->dict:
     "Joint DPO retraining of the base for one target: accuracy and wall time (`retrain_target`)."
     return retrain_target(base, load_splits()["train"], sample, target, DPOConfig(seed=_config(cfg).seed))
 
+def training_seconds(checkpoints, # DPO checkpoint folders, each with its `.metrics.json` beside it
+                    )->float:
+    """Wall time of the training runs behind `checkpoints`, each run counted once: a joint run (`train.joint_dial_models`)
+    saves all its checkpoints in one folder, with one `metrics.json` listing its models."""
+    runs = {}
+    for p in map(Path, checkpoints):
+        joint = p.parent/"metrics.json"
+        run = joint if joint.exists() and "models" in json.loads(joint.read_text()) else p.parent/f"{p.name}.metrics.json"
+        if not run.exists(): raise AVError(f"{p}: no {run.name} beside it, so its training time is unknown")
+        runs[run] = json.loads(run.read_text())["seconds"]
+    return float(sum(runs.values()))
+
 def retrain_table(retrained:list, # `retrain_stage` results
-                  surrogate:dict, # The surrogate search's result (from `search_stage`)
+                  rows:list, # The vector route's target rows measured on the reporting half (a search's `best`, a dial study's `targets`)
+                  train_seconds:float, # Wall time that trained the route's vectors (`training_seconds`)
+                  search_seconds:float, # Wall time that chose the route's settings: a search, or the dials' calibration sweeps
+                  n_targets:int=len(TARGETS), # Targets the vectors and their settings serve: each bears an equal share
                  )->pd.DataFrame:
-    "Retraining vs the vector route per target: accuracy, wall time and the ratio."
-    best = _df(surrogate["best"])
-    av_seconds = surrogate["seconds"] / len(TARGETS)  # the search's cost shared by the 27 targets it solves
-    rows = []
+    """Retraining vs a vector route per target: reached, accuracy, wall time and the ratio. The route's time per target
+    is its vectors' training and its search, shared over the targets they serve; a retrained model serves one."""
+    best, out = pd.DataFrame(rows), []
+    per_target = (train_seconds + search_seconds) / n_targets
     for rt in retrained:
-        hit = best[np.logical_and.reduce([best[f"target_{d}"] == rt[f"target_{d}"] for d in DOMAINS])].iloc[0]
-        rows.append({**{k: v for k, v in rt.items() if k.startswith("target_")},
-                     "retrain_reached": rt["reached"], "retrain_accuracy": rt["accuracy"], "retrain_seconds": rt["seconds"],
-                     "av_reached": bool(hit.reached), "av_accuracy": float(hit.accuracy), "av_seconds": av_seconds,
-                     "speedup": rt["seconds"] / av_seconds})
-    return pd.DataFrame(rows)
+        hit = best[np.logical_and.reduce([best[f"target_{d}"] == rt[f"target_{d}"] for d in DOMAINS])] if len(best) else best
+        out.append({**{k: v for k, v in rt.items() if k.startswith("target_")},
+                    "retrain_reached": rt["reached"], "retrain_accuracy": rt["accuracy"], "retrain_seconds": rt["seconds"],
+                    "av_reached": bool(len(hit) and hit.reached.iloc[0]), "av_accuracy": float(hit.accuracy.iloc[0]) if len(hit) else None,
+                    "av_train_seconds": train_seconds / n_targets, "av_search_seconds": search_seconds / n_targets,
+                    "av_seconds": per_target, "speedup": rt["seconds"] / per_target})
+    return pd.DataFrame(out)
+
 
 # %% ../nbs/10_demo.ipynb #ba42b70c
 def md_table(df:pd.DataFrame, # Any table
@@ -554,7 +574,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in DIAL_KINDS}
-        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts)
+        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds")
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
             stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
             "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]), None, True)))
@@ -578,7 +598,8 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                              spectrum_summary(anchored, metric="judged").assign(vectors="anchored")], ignore_index=True)
         leaks.update({f"anchored, λ={l:g}": leakage_matrix(anchored, lam=l) for l in cfg.leak_lams})
     grid, surr = res["grid"], res["surrogate"]
-    retrain = retrain_table([res[f"retrain{i}"] for i in range(len(targets))], surr)
+    retrained = [res[f"retrain{i}"] for i in range(len(targets))]
+    retrain = retrain_table(retrained, surr["best"], training_seconds(trained[md_kind][d] for d in DOMAINS), surr["seconds"])
     transfer = _df(res.get("transfer", []))
 
     report = {"package_version": av_nbdev.__version__, "model": model or "tiny", "config": asdict(cfg),
@@ -606,7 +627,10 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     if "baselines" in res: report["baselines"], report["baselines_conditions"] = res["baselines"]["rows"], res["baselines"]["conditions"]
     report["handwritten"] = res["handwritten"]
     if "dial_study" in res:  # with what the panel's two-vector dials need (`KnobPanel.from_report(..., dials="two-vector")`)
+        dial_retrain = retrain_table(retrained, res["dial_study"]["targets"], training_seconds(trained[k][d] for k in DIAL_KINDS for d in DOMAINS),
+                                     res["dial_study"]["calibration_seconds"])  # a dial is set with no search: its calibration is the cost
         report["dial_study"] = res["dial_study"] | {"handwritten": res["handwritten_dials"], "best": target_settings(res["dial_study"]["targets"]),
+                                                    "retrain": _records(dial_retrain),
                                                     "knobs": {f"{d}-{KINDS[k][1]}": {"vector": report_path(vector_file(out, k, d), out), "domain": d,
                                                                                      "level": KINDS[k][1]} for d in DOMAINS for k in DIAL_KINDS},
                                                     "vectors": "dial"}
@@ -616,10 +640,26 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     return report
 
 # %% ../nbs/10_demo.ipynb #13206a0a
-def _plots(out:Path, sweep, transfer, leaks:dict)->dict:
+def _plots(out:Path, sweep, transfer, leaks:dict, dial_sweep=None)->dict:
     "The report's PNGs; returns {caption: file name}."
     pngs = {}
     plot_spectrum(sweep, path=out/"spectrum.png"); pngs["Preference shares (likelihood) against λ, each vector on its own domain"] = "spectrum.png"
+    knobs_ = list(dict.fromkeys(sweep.knob))
+    fig, axes = plt.subplots(len(knobs_), 2, figsize=(9, 3.2 * len(knobs_)), sharey=True, squeeze=False)
+    for ax, k in zip(axes, knobs_): plot_level_lines(sweep, k, axes=ax)
+    save_figure(fig, out/"level_lines.png")
+    pngs["Each level's mean log-likelihood per token against λ (the top line is the level most queries prefer); "
+         "the other domains are evaluated at λ = 0 and at the leakage λs"] = "level_lines.png"
+    if dial_sweep is not None:
+        fig = plot_spectrum(dial_sweep)
+        for ax in fig.axes[:len(set(dial_sweep.knob))]: ax.set(xlabel="dial position", title=ax.get_title().replace(" vector", ""))
+        save_figure(fig, out/"dial_spectrum.png")
+        pngs["Preference shares along each two-vector dial (0 the base, 1 the generic step, 2 the expert step on top)"] = "dial_spectrum.png"
+        dials_ = list(dict.fromkeys(dial_sweep.knob))
+        fig, axes = plt.subplots(1, len(dials_), figsize=(4.5 * len(dials_), 3.4), sharey=True, squeeze=False)
+        for ax, k in zip(axes[0], dials_): plot_level_lines(dial_sweep, k, axes=[ax], xlabel="dial position")
+        save_figure(fig, out/"dial_lines.png")
+        pngs["Each level's mean log-likelihood per token along each dial, on its own domain"] = "dial_lines.png"
     if sweep[sweep.metric == "judged"].level.notna().any():
         plot_spectrum(sweep, metric="judged", path=out/"spectrum_judged.png")
         pngs["Judged greedy answers against λ"] = "spectrum_judged.png"
@@ -633,7 +673,8 @@ def _plots(out:Path, sweep, transfer, leaks:dict)->dict:
 
 def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, retrain, grid, surr):
     "Write `report.json`, the PNGs and `report.md` (tables and plots inline)."
-    pngs = _plots(out, sweep, transfer, leaks)
+    ds = report.get("dial_study")
+    pngs = _plots(out, sweep, transfer, leaks, _df(ds["sweep"]) if ds else None)
     md = [f"# Alignment vectors: demo report (av_nbdev {av_nbdev.__version__})", "",
           f"Model: {report['model']}; {report['dataset']['train']} training / {report['dataset']['test']} held-out queries; "
           f"evaluations on {report['eval_sample']} held-out queries ({report['config']['per_domain']} per domain). "
@@ -661,9 +702,10 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
            md_table(pd.DataFrame([{"search": n, **{k: v for k, v in s.items() if k != "best"}}
                                   for n, s in (("grid (paper)", grid), ("surrogate (probe, solve, verify)", surr))])), "",
            "Targets reached (surrogate search):", "", md_table(_df(surr["best"])), "",
-           "## Retraining vs alignment vector", "", md_table(retrain) if len(retrain) else "(no reached target to retrain)", "",
-           "`av_seconds`: the surrogate search's wall time shared over the 27 targets it solves; vectors trained once. "
-           "Retraining uses the vectors' DPO settings on the mixed-preference pairs of all three domains.", "",
+           "## Retraining vs alignment vector", "", md_table(retrain) if len(retrain) else "(no target to retrain)", "",
+           "`av_seconds` per target: the vectors' DPO training (`av_train_seconds`) and the surrogate search (`av_search_seconds`), "
+           "each shared over the 27 targets they serve. Retraining uses the vectors' DPO settings on the mixed-preference pairs "
+           "of all three domains; both accuracies are on the reporting half.", "",
            "## Transfer across training stages", "",
            md_table(_df(report["transfer"])) if report["transfer"] else "(tiny model only: a real model has no pretrain-only checkpoint here)", "",
            "## The dial: per level, the swept setting chosen on the tuning half, measured on the reporting half", "",
@@ -714,6 +756,9 @@ def dial_study_lines(ds:dict)->list:
             f"The probe–solve–verify search over the dial positions (each dial probed alone at {json.dumps(ds['search_probes'])}, "
             f"{ds['search']['evaluations']} passes over the tuning half): {ds['search']['reached']} of 27 reached on the reporting half "
             f"(seen topics {ds['search']['reached_seen']}, unseen {ds['search']['reached_unseen']}; tuning half {ds['search']['tune_reached']}).", ""] + ([
+            "Retraining vs the dials: a dial is set with no search, so its time per target is the dials' joint training and the "
+            "calibration sweeps that chose their positions (both halves swept), shared over the 27 targets:", "",
+            md_table(_df(ds["retrain"])), ""] if ds.get("retrain") else []) + ([
             f"On the {h['records']} hand-written queries: dial levels reached " +
             "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
             f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""] if (h := ds.get("handwritten")) else [])
@@ -741,7 +786,10 @@ def summary_text(report:dict, out:Path)->str:
                   + f"; targets set dial by dial {ds['targets_reached']}/27, by the search over dial positions {ds['search']['reached']}/27"
                   f" in {ds['search']['evaluations']} evaluations"]
     if report["retrain"]:
-        lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.0f}×" for r in report["retrain"]) + " faster with vectors"]
+        lines += ["  retraining vs vector: " + ", ".join(f"{r['speedup']:.1f}×" for r in report["retrain"]) + " faster with vectors"
+                  " (their training and search shared over the 27 targets)"]
+    if (report.get("dial_study") or {}).get("retrain"):
+        lines += ["  retraining vs the dials: " + ", ".join(f"{r['speedup']:.1f}×" for r in report["dial_study"]["retrain"]) + " faster with the dials"]
     lines += [f"  base {report['base_seconds']:.0f} s, then DPO and evaluation stages {report['stages_seconds']:.0f} s ({report['workers']} processes)"]
     return "\n".join(lines)
 
@@ -779,14 +827,50 @@ def results_table(report:dict, # A `report.json` of `av demo`
         rows.append((f"hand-written queries ({h['records']}, never tuned on): dial levels reached",
                      "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
                      f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"))
-    rows += [("retraining vs vector (" + ", ".join(f"{k.removeprefix('target_')} {v}" for k, v in r.items() if k.startswith("target_")) + ")",
-              f"joint DPO {r['retrain_seconds']:.1f} s (reached: {r['retrain_reached']}, accuracy {r['retrain_accuracy']:.2f}) vs "
-              f"{r['av_seconds']:.2f} s of search (reached: {r['av_reached']}, accuracy {r['av_accuracy']:.2f}): {r['speedup']:.0f}×")
-             for r in report["retrain"]]
+    ds = report.get("dial_study")
+    if ds: rows += dial_study_rows(ds)
+    rows += retrain_rows(report["retrain"], "plain vectors", "search")
+    if ds and ds.get("retrain"): rows += retrain_rows(ds["retrain"], "the dials", "calibration")
     for b in report.get("baselines", []):
         rows.append((f"baseline: {b['method']}", f"expert share {_num(b['expert_share'])}, judged {_num(b['expert_share_judged'])}, "
                      f"well-formed {_num(b['well_formed'])}, {_num(b['ms_per_answer'])} ms/answer, {_num(b['prompt_tokens'])} prompt tokens"))
     return "\n".join(["| what | result |", "|---|---|"] + [f"| {a} | {b} |" for a, b in rows])
+
+def dial_study_rows(ds:dict, # A report's `dial_study`
+                   )->list: # (what, result) rows of the README's table
+    "The two-vector dials' headline numbers: each level at its chosen position, the dial check and leakage, the 27 targets, hand-written queries."
+    level = lambda d, l, v: f"{l} {_num(v['share'])} at {ds['positions'][d][l][f'{d} dial']:g}" + ("" if v["reached"] else " (not reached)")
+    levels = "; ".join(f"{d} " + ", ".join("–" if v is None else level(d, l, v) for l, v in lv.items())
+                       + " (well-formed " + " / ".join(_num(w) for w in ds["well_formed"][d].values()) + ")" for d, lv in ds["levels"].items())
+    checks = "; ".join(f"{v['domain']} {'yes' if v['is_dial'] else 'no'} / {'yes' if v.get('is_dial_tune') else 'no'}, "
+                       f"{_num((ds['leakage'][v['domain']] or {}).get('ratio'))}" for v in ds["dial_check"].values())
+    reached = [t["accuracy"] for t in ds["targets"] if t["reached"]]
+    ev = ds["evaluations"]
+    rows = [("two-vector dials (`av demo --dial`): each level's share of its domain's reporting-half queries at the dial position "
+             "chosen on the tuning half", levels),
+            ("two-vector dials: a dial along the positions (reporting / tuning half), and the leakage ratio on the mean level", checks),
+            ("two-vector dials: 27 targets, each domain's dial set to its level independently (no search)",
+             f"{ds['targets_reached']} reached on the reporting half (seen topics {ds['targets_reached_seen']}, unseen "
+             f"{ds['targets_reached_unseen']}; tuning half {ds['targets_tune_reached']}), mean accuracy of those reached "
+             f"{_num(np.mean(reached) if reached else None)} (min {_num(min(reached) if reached else None)}), in "
+             f"{ev['calibration'] + ev['targets_tuning']:g} evaluations; probe–solve–verify search over the dial positions "
+             f"{ds['search']['reached']} in {ds['search']['evaluations']}")]
+    if h := ds.get("handwritten"):
+        rows.append((f"two-vector dials on the hand-written queries ({h['records']}): levels reached",
+                     "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
+                     f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"))
+    return rows
+
+def retrain_rows(retrain:list, # A report's `retrain` rows (`retrain_table`)
+                 route:str, # The vector route, e.g. "plain vectors"
+                 search:str, # What chose its settings: "search" or "calibration"
+                )->list: # (what, result) rows of the README's table
+    "Retraining against a vector route, one row per target."
+    return [(f"retraining vs {route} (" + ", ".join(f"{k.removeprefix('target_')} {v}" for k, v in r.items() if k.startswith("target_")) + ")",
+             f"joint DPO {r['retrain_seconds']:.1f} s (reached: {r['retrain_reached']}, accuracy {r['retrain_accuracy']:.2f}) vs "
+             f"{r['av_seconds']:.2f} s per target ({r['av_train_seconds']:.2f} s training + {r['av_search_seconds']:.2f} s {search}, "
+             f"shared over 27 targets; reached: {r['av_reached']}, accuracy {_num(r['av_accuracy'])}): {r['speedup']:.1f}×")
+            for r in retrain]
 
 def readme_section(text:str, # A README's text
                   )->str: # What stands between the result markers

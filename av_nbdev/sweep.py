@@ -296,23 +296,29 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
     return fig
 
 # %% ../nbs/07_sweep.ipynb #12e2d6ea
-def plot_level_lines(sweep:pd.DataFrame, # From `lambda_sweep` with every domain evaluated at every λ (`cross_lams=None`)
-                     knob:str, # The knob whose lines are drawn
+def plot_level_lines(sweep:pd.DataFrame, # From `lambda_sweep`; the other domains' panel needs them evaluated at every λ (`cross_lams=None`)
+                     knob:str, # The knob (or dial) whose lines are drawn
                      path:str|Path|None=None, # Optional PNG
+                     axes=None, # Matplotlib axes to draw into (own domain, other domains); default a new figure
+                     xlabel:str="λ", # "dial position" for a dial's sweep
                     ):
-    "Each level's mean log-likelihood per token against λ: on the knob's own domain, and averaged over the other domains."
+    """Each level's mean log-likelihood per token against λ: on the knob's own domain, and averaged over the other
+    domains (that panel only where the sweep has their rows)."""
     g = sweep[(sweep.knob == knob) & (sweep.metric == "preference") & (sweep.part == "all")]
     if g.empty: raise AVError(f"plot_level_lines: the sweep has no preference rows of knob {knob!r}")
     home = g.domain == g.knob_domain
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
-    for ax, (title, rows) in zip(axes, ((f"its own domain ({g.knob_domain.iloc[0]})", g[home]), ("the other domains (mean)", g[~home]))):
+    panels = [(f"its own domain ({g.knob_domain.iloc[0]})", g[home])] + ([("the other domains (mean)", g[~home])] if (~home).any() else [])
+    if axes is None: axes = plt.subplots(1, len(panels), figsize=(4.5 * len(panels), 3.4), sharey=True, squeeze=False)[1][0]
+    for ax, (title, rows) in zip(axes, panels):
         lines = rows.groupby(["lam", "level"]).loglik.mean().unstack().reindex(columns=sweep_levels(g))
         for lvl in lines: ax.plot(lines.index, lines[lvl], marker="o", ms=3, color=LEVEL_COLORS.get(lvl), label=lvl)
-        ax.axvline(0, color="k", lw=0.5); ax.set(title=f"{knob}: {title}", xlabel="λ")
+        ax.axvline(0, color="k", lw=0.5); ax.set(title=f"{knob}: {title}", xlabel=xlabel)
     axes[0].set_ylabel("mean log-likelihood per token"); axes[0].legend(fontsize=8)
+    fig = axes[0].figure
     fig.tight_layout()
     if path is not None: save_figure(fig, path)
     return fig
+
 
 # %% ../nbs/07_sweep.ipynb #93e3c894
 def leakage_matrix(sweep:pd.DataFrame, # `lambda_sweep`s of several knobs over all domains' records
