@@ -257,8 +257,8 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  dial:dict, # domain -> level -> {knob: λ} or None (chosen elsewhere)
                  well_formed_records:list|None=None, # Records whose own-domain queries are answered greedily at each setting
                 )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
-    """A dial measured on `records` at settings chosen elsewhere: whether each level is the strict plurality of its
-    domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
+    """A dial measured on `records` at settings chosen elsewhere: each level's share and whether it is the strict plurality
+    of its domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
     every knob at 0 to each domain's highest-level setting. With `well_formed_records`, each setting's greedy answers
     to that domain's queries among them: the well-formed share and how many answers it counts."""
     zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
@@ -275,8 +275,9 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
             own = t[t.domain == d]
             unseen = own.heldout_topic.astype(bool)
             hit = lambda g: None if g.empty else plurality(share_matrix(g).loc[d]) == lvl
-            reached[d][lvl] = {"setting": lam, "share": float((own.preferred == lvl).mean()), "reached": hit(own),
-                               "reached_seen": hit(own[~unseen]), "reached_unseen": hit(own[unseen])}
+            share = lambda g: None if g.empty else float((g.preferred == lvl).mean())
+            reached[d][lvl] = {"setting": lam, "share": share(own), "share_seen": share(own[~unseen]), "share_unseen": share(own[unseen]),
+                               "reached": hit(own), "reached_seen": hit(own[~unseen]), "reached_unseen": hit(own[unseen])}
             if well_formed_records is not None:
                 queries = _own_queries(well_formed_records, d)
                 reached[d][lvl] |= {"well_formed": float(_well_formed_at(knobs, tokenizer, queries, lam)), "well_formed_n": len(queries)}
@@ -564,7 +565,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     dial_of = lambda r: r["dial_report"]["settings"]  # settings per domain and level, chosen on the tuning half
     # the key names how the stage chooses and what it measures, so a report made another way is measured again
     jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", parts,
-                                                            "well_formed", "accepted if well-formed on the tuning half"),
+                                                            "well_formed", "accepted if well-formed on the tuning half", "share_seen"),
                                                   "dial_report_stage", (base, vec("plain"), report_half, r["sweep"], tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
@@ -574,7 +575,7 @@ def run_demo(out:str|Path="runs/demo", # Report folder
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in DIAL_KINDS}
-        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds")
+        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds", "share_seen")
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
             stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
             "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]), None, True)))
@@ -739,7 +740,8 @@ def _num(v)->str: return "–" if v is None or v != v else f"{v:.2f}"  # missing
 def dial_study_lines(ds:dict)->list:
     "The report's section on the two-vector dials (`dial_study_stage`)."
     rows = [{"domain": d, "level": l, "position": None if ds["positions"][d][l] is None else ds["positions"][d][l][f"{d} dial"],
-             "share": v and v["share"], "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
+             "share": v and v["share"], "share (seen topics)": v and v.get("share_seen"), "share (unseen topics)": v and v.get("share_unseen"),
+             "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
              "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l]}
             for d, lv in ds["levels"].items() for l, v in lv.items()]
     return [f"## Two-vector dials (generic vector up, then expert on top; {ds.get('vectors', 'plain')} vectors)", "",

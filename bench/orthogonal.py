@@ -13,7 +13,8 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25  # the chain trained with anchors (its models' training printed too)
 
-Vectors and results are kept in --out/<hash of model, seed, anchor share>/ (a rerun with the same settings reads them).
+Vectors and results are kept in --out/<hash of model, seed, anchor share and the dial checkpoints>/ (a rerun with the
+same settings and models reads them; models trained again get a folder of their own).
 """
 import argparse, json, time
 from dataclasses import asdict, replace
@@ -103,11 +104,12 @@ def main():
     a = ap.parse_args()
     amounts = [float(x) for x in a.amounts.split(",")]
     if a.anchor_share and a.model == "tiny": ap.error("--anchor-share: the tiny model's joint dials take no anchors")
-    out = Path(a.out)/short_hash(a.model, a.seed, *((a.anchor_share,) if a.anchor_share else ()))
-    out.mkdir(parents=True, exist_ok=True)
     cfg = DemoConfig(per_domain=a.per_domain, seed=a.seed)
     tune, report = split_halves(sample_records(load_splits()["test"], cfg.per_domain, cfg.seed), cfg.seed)
     base, models, dtype = dial_models(a.model, a.seed, a.anchor_share)
+    checkpoints = sorted(str(p) for by_level in models.values() for p in by_level.values())  # their names carry their training's hash
+    out = Path(a.out)/short_hash(a.model, a.seed, *((a.anchor_share,) if a.anchor_share else ()), checkpoints)
+    out.mkdir(parents=True, exist_ok=True)
     table, lines = [], []
     for amount in amounts:
         res = study(out, f"study-{amount:g}", base, dial_files(out, base, models, dtype, amount), tune, report, cfg)
