@@ -12,6 +12,7 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py                          # the tiny model's joint dials (`av demo --dial`)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25  # the chain trained with anchors (its models' training printed too)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25 --lr-scale 2  # and at twice the learning rates
 
 Vectors and results are kept in --out/<hash of model, seed, anchor share and the dial checkpoints>/ (a rerun with the
 same settings and models reads them; models trained again get a folder of their own).
@@ -32,10 +33,10 @@ from av_nbdev.sweep import sample_records, split_halves
 from av_nbdev.train import pipeline_metrics
 
 
-def dial_models(model:str, seed:int, anchor_share:float=0.0)->tuple:
+def dial_models(model:str, seed:int, anchor_share:float=0.0, lr_scale:float=1.0)->tuple:
     """(base folder, domain -> {generic, expert} checkpoints, stored dtype): the tiny joint dials or a real base's chained
     dials, trained or reused; with `anchor_share` the chain's steps also train on anchoring pairs, their step counts
-    × (1 + anchor_share) so that each domain's own pairs are seen as often."""
+    × (1 + anchor_share) so that each domain's own pairs are seen as often; `lr_scale` multiplies the chain's learning rates."""
     if model == "tiny":
         torch.set_num_threads(1)  # tiny matrices: one thread is faster (as in `av demo`)
         from av_nbdev.train import JOINT_DPO, joint_dial_models, tiny_pipelines
@@ -44,8 +45,8 @@ def dial_models(model:str, seed:int, anchor_share:float=0.0)->tuple:
     from av_nbdev.models import base_dir
     from av_nbdev.real import REAL_CHAIN_EXPERT_DPO, REAL_DPO, real_chained_dials
     base = base_dir(model)
-    if not anchor_share: return base, real_chained_dials(base, seed=seed, progress=False), "bfloat16"
-    longer = lambda cfg: replace(cfg, steps=round(cfg.steps * (1 + anchor_share)))
+    if not anchor_share and lr_scale == 1: return base, real_chained_dials(base, seed=seed, progress=False), "bfloat16"
+    longer = lambda cfg: replace(cfg, steps=round(cfg.steps * (1 + anchor_share)), lr=cfg.lr * lr_scale)
     return base, real_chained_dials(base, generic_cfg=longer(REAL_DPO), expert_cfg=longer(REAL_CHAIN_EXPERT_DPO), seed=seed,
                                     anchor_share=anchor_share, progress=False), "bfloat16"
 
@@ -101,12 +102,13 @@ def main():
     ap.add_argument("--out", default="/tmp/av-orthogonal")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anchor-share", type=float, default=0.0, help="real model: anchoring pairs in the chain's DPO, as a share of its pairs")
+    ap.add_argument("--lr-scale", type=float, default=1.0, help="real model: the chain's learning rates × this")
     a = ap.parse_args()
     amounts = [float(x) for x in a.amounts.split(",")]
-    if a.anchor_share and a.model == "tiny": ap.error("--anchor-share: the tiny model's joint dials take no anchors")
+    if (a.anchor_share or a.lr_scale != 1) and a.model == "tiny": ap.error("--anchor-share, --lr-scale: for a real base's chain only")
     cfg = DemoConfig(per_domain=a.per_domain, seed=a.seed)
     tune, report = split_halves(sample_records(load_splits()["test"], cfg.per_domain, cfg.seed), cfg.seed)
-    base, models, dtype = dial_models(a.model, a.seed, a.anchor_share)
+    base, models, dtype = dial_models(a.model, a.seed, a.anchor_share, a.lr_scale)
     checkpoints = sorted(str(p) for by_level in models.values() for p in by_level.values())  # their names carry their training's hash
     out = Path(a.out)/short_hash(a.model, a.seed, *((a.anchor_share,) if a.anchor_share else ()), checkpoints)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +124,8 @@ def main():
     if 0.0 in amounts:
         raw = df[df.amount == 0].set_index("domain")["leakage"]
         df["leakage / as trained"] = [r.leakage / raw[r.domain] for r in df.itertuples()]
-    print(f"{a.model}{f', anchored chain ({a.anchor_share:g})' if a.anchor_share else ''}: {len(tune)} tuning and {len(report)} reporting queries")
+    chain = ", ".join(([f"anchor share {a.anchor_share:g}"] if a.anchor_share else []) + ([f"lr × {a.lr_scale:g}"] if a.lr_scale != 1 else []))
+    print(f"{a.model}{f' ({chain})' if chain else ''}: {len(tune)} tuning and {len(report)} reporting queries")
     print(df.round(3).to_string(index=False))
     print("\n".join(lines))
 
