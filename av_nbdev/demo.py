@@ -37,8 +37,8 @@ __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS
            'well_formed_check', 'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions',
            'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage', 'training_seconds',
            'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage', 'target_settings',
-           'handwritten_check', 'run_demo', 'write_report', 'dial_study_lines', 'summary_text', 'results_table',
-           'dial_study_rows', 'retrain_rows', 'readme_section', 'update_readme']
+           'handwritten_check', 'run_demo', 'handwritten_text', 'write_report', 'dial_study_lines', 'summary_text',
+           'results_table', 'dial_study_rows', 'retrain_rows', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -652,9 +652,7 @@ def _plots(out:Path, sweep, transfer, leaks:dict, dial_sweep=None)->dict:
     pngs["Each level's mean log-likelihood per token against λ (the top line is the level most queries prefer); "
          "the other domains are evaluated at λ = 0 and at the leakage λs"] = "level_lines.png"
     if dial_sweep is not None:
-        fig = plot_spectrum(dial_sweep)
-        for ax in fig.axes[:len(set(dial_sweep.knob))]: ax.set(xlabel="dial position", title=ax.get_title().replace(" vector", ""))
-        save_figure(fig, out/"dial_spectrum.png")
+        plot_spectrum(dial_sweep, path=out/"dial_spectrum.png", xlabel="dial position", title="{knob} on {domain} queries")
         pngs["Preference shares along each two-vector dial (0 the base, 1 the generic step, 2 the expert step on top)"] = "dial_spectrum.png"
         dials_ = list(dict.fromkeys(dial_sweep.knob))
         fig, axes = plt.subplots(1, len(dials_), figsize=(4.5 * len(dials_), 3.4), sharey=True, squeeze=False)
@@ -671,6 +669,12 @@ def _plots(out:Path, sweep, transfer, leaks:dict, dial_sweep=None)->dict:
     fig.tight_layout(); save_figure(fig, out/"leakage.png")
     plt.close("all")
     return pngs
+
+def handwritten_text(h:dict, # `handwritten_check`'s result
+                    )->str:
+    "The levels each dial reaches on the hand-written queries, and the targets that hold there, in one line."
+    return ("; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
+            f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries")
 
 def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, retrain, grid, surr):
     "Write `report.json`, the PNGs and `report.md` (tables and plots inline)."
@@ -723,9 +727,7 @@ def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, re
     if report.get("handwritten"):
         h = report["handwritten"]
         md += ["## Hand-written queries (never trained or tuned on)", "",
-               f"{h['records']} records. Dial levels reached there (at the settings found on generated queries): " +
-               "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
-               f". Multidomain targets reached there: {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""]
+               f"{h['records']} records; at the settings found on generated queries, dial levels reached there: {handwritten_text(h)}.", ""]
     if report.get("dial_study"): md += dial_study_lines(report["dial_study"])
     if report.get("baselines"):
         cond = report["baselines_conditions"]
@@ -761,9 +763,7 @@ def dial_study_lines(ds:dict)->list:
             "Retraining vs the dials: a dial is set with no search, so its time per target is the dials' joint training and the "
             "calibration sweeps that chose their positions (both halves swept), shared over the 27 targets:", "",
             md_table(_df(ds["retrain"])), ""] if ds.get("retrain") else []) + ([
-            f"On the {h['records']} hand-written queries: dial levels reached " +
-            "; ".join(f"{d}: {', '.join(ls) or 'none'}" for d, ls in h["dial_levels_reached"].items()) +
-            f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries.", ""] if (h := ds.get("handwritten")) else [])
+            f"On the {h['records']} hand-written queries: dial levels reached {handwritten_text(h)}.", ""] if (h := ds.get("handwritten")) else [])
 
 def summary_text(report:dict, out:Path)->str:
     "The one-screen summary printed at the end of `av demo`."
@@ -826,9 +826,7 @@ def results_table(report:dict, # A `report.json` of `av demo`
              f"probe–solve–verify search {md_['surrogate']['reached']} (tuning half {md_['surrogate']['tune_reached']}) in {md_['surrogate']['evaluations']}")]
     if report.get("handwritten"):
         h = report["handwritten"]
-        rows.append((f"hand-written queries ({h['records']}, never tuned on): dial levels reached",
-                     "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
-                     f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"))
+        rows.append((f"hand-written queries ({h['records']}, never tuned on): dial levels reached", handwritten_text(h)))
     ds = report.get("dial_study")
     if ds: rows += dial_study_rows(ds)
     rows += retrain_rows(report["retrain"], "plain vectors", "search")
@@ -858,9 +856,7 @@ def dial_study_rows(ds:dict, # A report's `dial_study`
              f"{ev['calibration'] + ev['targets_tuning']:g} evaluations; probe–solve–verify search over the dial positions "
              f"{ds['search']['reached']} in {ds['search']['evaluations']}")]
     if h := ds.get("handwritten"):
-        rows.append((f"two-vector dials on the hand-written queries ({h['records']}): levels reached",
-                     "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
-                     f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"))
+        rows.append((f"two-vector dials on the hand-written queries ({h['records']}): levels reached", handwritten_text(h)))
     return rows
 
 def retrain_rows(retrain:list, # A report's `retrain` rows (`retrain_table`)

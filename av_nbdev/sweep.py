@@ -276,6 +276,8 @@ def save_figure(fig, # A matplotlib figure
 def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
                   metric:str="preference", # "preference" or "judged"
                   path:str|Path|None=None, # Save a PNG here too
+                  xlabel:str="λ", # "dial position" for a dial's sweep
+                  title:str="{knob} vector on {domain} queries", # Each panel's title, from the knob and its domain
                  ):
     "Stacked areas of level shares against λ, one panel per knob on its own domain."
     knobs_ = list(dict.fromkeys(sweep.knob))
@@ -287,7 +289,7 @@ def plot_spectrum(sweep:pd.DataFrame, # From `lambda_sweep`
         g = sweep[(sweep.knob == k) & (sweep.domain == sweep.knob_domain) & (sweep.metric == metric)]
         p = g.pivot_table(index="lam", columns="level", values="share").reindex(columns=levels, fill_value=0.0)
         ax.stackplot(p.index, *(p[l] for l in levels), labels=levels, colors=[colors[l] for l in levels], alpha=0.9)
-        ax.set(title=f"{k} vector on {g.knob_domain.iloc[0]} queries", xlabel="λ", ylim=(0, 1), xlim=(p.index.min(), p.index.max()))
+        ax.set(title=title.format(knob=k, domain=g.knob_domain.iloc[0]), xlabel=xlabel, ylim=(0, 1), xlim=(p.index.min(), p.index.max()))
         ax.axvline(0, color="k", lw=0.8, ls=":"); ax.axvline(1, color="k", lw=0.8, ls="--")
     axes[0][0].set_ylabel(f"share ({metric})")
     axes[0][-1].legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
@@ -318,7 +320,6 @@ def plot_level_lines(sweep:pd.DataFrame, # From `lambda_sweep`; the other domain
     fig.tight_layout()
     if path is not None: save_figure(fig, path)
     return fig
-
 
 # %% ../nbs/07_sweep.ipynb #93e3c894
 def leakage_matrix(sweep:pd.DataFrame, # `lambda_sweep`s of several knobs over all domains' records

@@ -45,9 +45,8 @@ def dial_models(model:str, seed:int, anchor_share:float=0.0, lr_scale:float=1.0)
     from av_nbdev.models import base_dir
     from av_nbdev.real import REAL_CHAIN_EXPERT_DPO, REAL_DPO, real_chained_dials
     base = base_dir(model)
-    if not anchor_share and lr_scale == 1: return base, real_chained_dials(base, seed=seed, progress=False), "bfloat16"
-    longer = lambda cfg: replace(cfg, steps=round(cfg.steps * (1 + anchor_share)), lr=cfg.lr * lr_scale)
-    return base, real_chained_dials(base, generic_cfg=longer(REAL_DPO), expert_cfg=longer(REAL_CHAIN_EXPERT_DPO), seed=seed,
+    scaled = lambda cfg: replace(cfg, steps=round(cfg.steps * (1 + anchor_share)), lr=cfg.lr * lr_scale)  # the defaults at 0 and 1
+    return base, real_chained_dials(base, generic_cfg=scaled(REAL_DPO), expert_cfg=scaled(REAL_CHAIN_EXPERT_DPO), seed=seed,
                                     anchor_share=anchor_share, progress=False), "bfloat16"
 
 
