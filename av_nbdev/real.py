@@ -118,12 +118,14 @@ def real_dial_models(base:Path, # The base's HF folder (see `base_dir`)
                      n_wellformed:int=16, # Held-out queries answered greedily per model for the well-formed check
                      progress:bool=True, # tqdm bars
                      refresh:bool=False, # Train again although cached
+                     start_from:dict|None=None, # domain -> level -> checkpoint of a chain from `base` (`real_chained_dials`): the steps start there
                     )->dict: # domain -> level -> checkpoint folder (`train.joint_dial_models`)
     "Every domain's dial steps on a pretrained base, trained together or reused: `<out_dir>/<base name>/<base content>/joint-<key>/`."
     base = base_dir(base)
     root = Path(out_dir or cache_dir()/"real")/base.name/base_identity(base)
     return joint_dial_models(base, root, dataclasses.replace(dpo_cfg or REAL_JOINT_DPO, seed=seed), n_wellformed=n_wellformed,
-                             prepare=freeze_embeddings_ if freeze_embeddings else None, progress=progress, refresh=refresh)
+                             prepare=freeze_embeddings_ if freeze_embeddings else None, progress=progress, refresh=refresh,
+                             start_from=start_from)
 
 # %% ../nbs/11_real.ipynb #d33652d7
 REAL_CHAIN_EXPERT_DPO = dataclasses.replace(REAL_DPO, steps=32, lr=2e-5)

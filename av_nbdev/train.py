@@ -24,7 +24,7 @@ from .stages import records_hash, write_json, write_csv, run_jobs, threads
 __all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft',
            'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records',
            'preference_anchors', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'DialSteps',
-           'level_steps', 'joint_dpo', 'joint_dial_models']
+           'level_steps', 'joint_dpo', 'chain_steps', 'joint_dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -385,18 +385,29 @@ JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, beta=0.03, stop_mar
 JOINT_NLL = 0.05 # Weight of the likelihood term in the dials' joint training: enough to keep greedy answers well-formed
 
 class DialSteps(torch.nn.Module):
-    """Trainable steps around a model, one per key, each shaped like the model's trainable weights (zero at the start). `use(active)`
-    sets the model's weights to θ + the active steps; after a backward pass through the model, `collect(active)` adds its
-    weight gradients to each active step: the weights are θ + Σ steps, so that is each step's gradient."""
+    """Trainable steps around a model, one per key, each shaped like the model's trainable weights (zero at the start, or
+    `start`'s). `use(active)` sets the model's weights to θ + the active steps; after a backward pass through the model,
+    `collect(active)` adds its weight gradients to each active step: the weights are θ + Σ steps, so that is each step's gradient."""
     def __init__(self, model, # The causal LM whose weights are θ; its weights are overwritten by `use`
                  keys:list, # One step per key
+                 start:dict|None=None, # key -> {weight name: tensor}: where that step starts (e.g. `chain_steps`); zero otherwise
                 ):
         super().__init__()
         object.__setattr__(self, "model", model)  # not a submodule: the optimiser sees the steps only
         self.keys = list(keys)
-        self.params = [p for p in model.parameters() if p.requires_grad]  # a frozen weight (e.g. the embeddings) gets no step
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # a frozen weight (e.g. the embeddings) gets no step
+        self.names, self.params = [n for n, _ in named], [p for _, p in named]
         self.theta = [p.detach().clone() for p in self.params]
-        self.steps = torch.nn.ModuleList(torch.nn.ParameterList(torch.zeros_like(t) for t in self.theta) for _ in self.keys)
+        start = start or {}
+        self.steps = torch.nn.ModuleList(torch.nn.ParameterList(self._start(start.get(k), i, t) for i, t in enumerate(self.theta))
+                                         for k in self.keys)
+
+    def _start(self, given:dict|None, i:int, theta:torch.Tensor)->torch.Tensor:
+        if given is None: return torch.zeros_like(theta)
+        n = self.names[i]
+        if n not in given: raise AVError(f"start step: no tensor {n!r}")
+        if given[n].shape != theta.shape: raise AVError(f"start step: tensor {n!r} has shape {tuple(given[n].shape)}, the model's {tuple(theta.shape)}")
+        return given[n].to(theta.dtype).clone()
 
     def _on(self, active)->list: return [self.steps[self.keys.index(k)] for k in active]
 
@@ -427,16 +438,18 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
               nll:float=JOINT_NLL, # Weight of the chosen responses' mean per-token negative log-likelihood, added to DPO's loss
               floor:float=0.0, # Weight of how far a chosen response's per-token log-likelihood falls below the base's (0 above it)
               progress:bool=True,
+              start:dict|None=None, # (domain, level) -> {weight name: tensor}: the steps start there (`chain_steps`), not at zero
              )->tuple: # (`DialSteps` keyed (domain, level), per-step log)
     """Every domain's dial steps trained together. A step per domain and level above the lowest; a domain set to a level
     turns on its steps up to that level. Each micro-batch draws a target (a level per domain, not all the lowest), runs
     the base plus the target's steps, and takes DPO's loss against the base on queries of every domain: the domain's
     target level ≻ each other level. So every combination of dial settings is trained, not one domain at a time. With
     `nll`, the chosen responses also stay likely (not only likelier than the rejected): the answers stay well-formed;
-    `floor` only keeps them from falling below the base's likelihood (DPO-Positive's term, per token)."""
+    `floor` only keeps them from falling below the base's likelihood (DPO-Positive's term, per token). With `start`, the
+    steps start from given ones, e.g. a chain of per-domain DPO models, and the joint loss teaches them the combinations."""
     cfg = cfg or JOINT_DPO
     domains, levels = domains_of(records), levels_of(records)
-    steps = DialSteps(model, [(d, l) for d in domains for l in levels[1:]])
+    steps = DialSteps(model, [(d, l) for d in domains for l in levels[1:]], start)
     by_domain = {d: [r for r in records if r["domain"] == d] for d in domains}
     targets = [t for t in itertools.product(levels, repeat=len(domains)) if set(t) != {levels[0]}]
     pick, ref = torch.Generator().manual_seed(cfg.seed), {}
@@ -474,6 +487,21 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
     steps.use(())  # the model back at θ
     return steps, log
 
+def chain_steps(base_dir:str|Path, # The base the chain starts from
+                models:dict, # domain -> level -> checkpoint: each level's model trained from the level below's (the lowest is the base)
+                levels:list, # The data's levels, lowest first
+               )->dict: # (domain, level) -> {weight name: that level's model − the level below's}
+    "The dial steps a chain of DPO models holds: each level's weights minus the weights of the model below it."
+    def weights(p): return {n: t.float() for n, t in load_model(p, dtype=torch.float32)[0].named_parameters()}
+    steps = {}
+    for d, by_level in models.items():
+        below = weights(base_dir)
+        for l in levels[1:]:
+            here = weights(by_level[l])
+            steps[(d, l)] = {n: here[n] - below[n] for n in here}
+            below = here
+    return steps
+
 def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["base"]`
                       out_dir:str|Path|None=None, # Cache folder; default the base's folder
                       dpo_cfg:DPOConfig|None=None, # Default `JOINT_DPO`
@@ -484,25 +512,29 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
                       prepare=None, # Applied to the loaded base before its steps are made, e.g. `real.freeze_embeddings_` (its name joins the key)
                       refresh:bool=False, # Train again although cached
                       progress:bool=True,
+                      start_from:dict|None=None, # domain -> level -> checkpoint of a chain from `base_dir` (`chain_steps`): the steps start there
                      )->dict: # domain -> level -> checkpoint folder, for every level above the lowest
     """Train (or reuse) every domain's dial steps together (`joint_dpo`) and save, per domain and level, the base plus that
-    domain's steps up to the level as a checkpoint: the domain's dial at that level with every other dial at the lowest."""
+    domain's steps up to the level as a checkpoint: the domain's dial at that level with every other dial at the lowest.
+    With `start_from`, the steps start from a chain's (its checkpoints' names join the key)."""
     data = load_splits(data_dir)
     levels, domains, cfg = levels_of(data["train"]), domains_of(data["train"]), dpo_cfg or JOINT_DPO
     base_dir = Path(base_dir)
     root = Path(out_dir) if out_dir is not None else base_dir.parent
     key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed,
-                     *([floor] if floor else []), *([prepare.__name__] if prepare else []))
+                     *([floor] if floor else []), *([prepare.__name__] if prepare else []),
+                     *([sorted(str(p) for ls in start_from.values() for p in ls.values())] if start_from else []))
     folder = root/f"joint-{key}"
     names = {d: {l: folder/f"{d}-{l}-{key}" for l in levels[1:]} for d in domains}  # a name carries its run's settings, as every stage's does
     def build(out):
         with atomic_dir(out, overwrite=True) as tmp:
             base, tok = load_model(base_dir, dtype=torch.float32)
             if prepare: prepare(base)
-            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress)
+            start = chain_steps(base_dir, start_from, levels) if start_from else None
+            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress, start=start)
             metrics = {"steps": len(log), "seconds": float(log.seconds.iloc[-1]), "train_margin": float(log.margin.iloc[-cfg.window:].mean()),
                        "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll, "beta": cfg.beta,
-                       "models": []}
+                       "models": [], **({"start_from": {d: {l: str(p) for l, p in ls.items()} for d, ls in start_from.items()}} if start_from else {})}
             for d in domains:
                 for l in levels[1:]:
                     model = steps.use([(d, x) for x in level_steps(levels, l)])

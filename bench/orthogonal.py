@@ -13,6 +13,7 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25  # the chain trained with anchors (its models' training printed too)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25 --lr-scale 2  # and at twice the learning rates
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --joint-steps 16  # the chain, then 16 joint steps from it
 
 Vectors and results are kept in --out/<hash of model, seed, anchor share and the dial checkpoints>/ (a rerun with the
 same settings and models reads them; models trained again get a folder of their own).
@@ -33,21 +34,26 @@ from av_nbdev.sweep import sample_records, split_halves
 from av_nbdev.train import pipeline_metrics
 
 
-def dial_models(model:str, seed:int, anchor_share:float=0.0, lr_scale:float=1.0)->tuple:
+def dial_models(model:str, seed:int, anchor_share:float=0.0, lr_scale:float=1.0, joint_steps:int=0)->tuple:
     """(base folder, domain -> {generic, expert} checkpoints, stored dtype): the tiny joint dials or a real base's chained
     dials, trained or reused; with `anchor_share` the chain's steps also train on anchoring pairs, their step counts
-    × (1 + anchor_share) so that each domain's own pairs are seen as often; `lr_scale` multiplies the chain's learning rates."""
+    × (1 + anchor_share) so that each domain's own pairs are seen as often; `lr_scale` multiplies the chain's learning rates;
+    with `joint_steps`, the chain's steps are then trained together on every combination of dial settings
+    (`real.real_dial_models` started from the chain, `REAL_JOINT_DPO` for that many steps)."""
     if model == "tiny":
         torch.set_num_threads(1)  # tiny matrices: one thread is faster (as in `av demo`)
         from av_nbdev.train import JOINT_DPO, joint_dial_models, tiny_pipelines
         base = tiny_pipelines((False,), domains=(), seed=seed, progress=False)[False]["base"]
         return base, joint_dial_models(base, dpo_cfg=replace(JOINT_DPO, seed=seed), progress=False), "float32"
     from av_nbdev.models import base_dir
-    from av_nbdev.real import REAL_CHAIN_EXPERT_DPO, REAL_DPO, real_chained_dials
+    from av_nbdev.real import REAL_CHAIN_EXPERT_DPO, REAL_DPO, REAL_JOINT_DPO, real_chained_dials, real_dial_models
     base = base_dir(model)
     scaled = lambda cfg: replace(cfg, steps=round(cfg.steps * (1 + anchor_share)), lr=cfg.lr * lr_scale)  # the defaults at 0 and 1
-    return base, real_chained_dials(base, generic_cfg=scaled(REAL_DPO), expert_cfg=scaled(REAL_CHAIN_EXPERT_DPO), seed=seed,
-                                    anchor_share=anchor_share, progress=False), "bfloat16"
+    chain = real_chained_dials(base, generic_cfg=scaled(REAL_DPO), expert_cfg=scaled(REAL_CHAIN_EXPERT_DPO), seed=seed,
+                               anchor_share=anchor_share, progress=False)
+    if joint_steps:
+        chain = real_dial_models(base, dpo_cfg=replace(REAL_JOINT_DPO, steps=joint_steps), seed=seed, progress=False, start_from=chain)
+    return base, chain, "bfloat16"
 
 
 def dial_files(out:Path, base:Path, models:dict, dtype:str, amount:float)->dict:
@@ -59,6 +65,14 @@ def dial_files(out:Path, base:Path, models:dict, dtype:str, amount:float)->dict:
     if not all(f.exists() for f in done.values()):
         for k, v in orthogonalize_domains(files, amount, allow_transfer=True, dtype=dtype).items(): v.save(done[k], overwrite=True)
     return done
+
+
+def joint_table(models:dict)->str:
+    "The joint training started from the chain: its steps, time and last steps' log."
+    folder = next(iter(next(iter(models.values())).values())).parent
+    m, log = json.loads((folder/"metrics.json").read_text()), pd.read_csv(folder/"log.csv")
+    return (f"{m['steps']} joint steps from the chain in {m['seconds']:.0f} s\n"
+            + log[["step", "loss", "reward_acc", "margin", "nll"]].round(3).tail(6).to_string(index=False))
 
 
 def training_table(models:dict)->pd.DataFrame:
@@ -102,12 +116,14 @@ def main():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--anchor-share", type=float, default=0.0, help="real model: anchoring pairs in the chain's DPO, as a share of its pairs")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="real model: the chain's learning rates × this")
+    ap.add_argument("--joint-steps", type=int, default=0, help="real model: then this many joint steps started from the chain")
     a = ap.parse_args()
     amounts = [float(x) for x in a.amounts.split(",")]
-    if (a.anchor_share or a.lr_scale != 1) and a.model == "tiny": ap.error("--anchor-share, --lr-scale: for a real base's chain only")
+    if (a.anchor_share or a.lr_scale != 1 or a.joint_steps) and a.model == "tiny":
+        ap.error("--anchor-share, --lr-scale, --joint-steps: for a real base's chain only")
     cfg = DemoConfig(per_domain=a.per_domain, seed=a.seed)
     tune, report = split_halves(sample_records(load_splits()["test"], cfg.per_domain, cfg.seed), cfg.seed)
-    base, models, dtype = dial_models(a.model, a.seed, a.anchor_share, a.lr_scale)
+    base, models, dtype = dial_models(a.model, a.seed, a.anchor_share, a.lr_scale, a.joint_steps)
     checkpoints = sorted(str(p) for by_level in models.values() for p in by_level.values())  # their names carry their training's hash
     out = Path(a.out)/short_hash(a.model, a.seed, *((a.anchor_share,) if a.anchor_share else ()), checkpoints)
     out.mkdir(parents=True, exist_ok=True)
@@ -118,12 +134,14 @@ def main():
         lines.append(f"amount {amount:g}: targets dial by dial {res['targets_reached']}/27 on the reporting half "
                      f"(tuning half {res.get('targets_tune_reached', '?')}, settable {res['targets_settable']}); "
                      f"search {res['search']['reached']}/27 in {res['search']['evaluations']} passes; study {res['seconds']:.0f} s")
-    if a.model != "tiny": print(training_table(models).to_string(index=False), "\n")
+    if a.joint_steps: print(joint_table(models), "\n")
+    elif a.model != "tiny": print(training_table(models).to_string(index=False), "\n")
     df = pd.DataFrame(table)
     if 0.0 in amounts:
         raw = df[df.amount == 0].set_index("domain")["leakage"]
         df["leakage / as trained"] = [r.leakage / raw[r.domain] for r in df.itertuples()]
-    chain = ", ".join(([f"anchor share {a.anchor_share:g}"] if a.anchor_share else []) + ([f"lr × {a.lr_scale:g}"] if a.lr_scale != 1 else []))
+    chain = ", ".join(([f"anchor share {a.anchor_share:g}"] if a.anchor_share else []) + ([f"lr × {a.lr_scale:g}"] if a.lr_scale != 1 else [])
+                      + ([f"then {a.joint_steps} joint steps"] if a.joint_steps else []))
     print(f"{a.model}{f' ({chain})' if chain else ''}: {len(tune)} tuning and {len(report)} reporting queries")
     print(df.round(3).to_string(index=False))
     print("\n".join(lines))
