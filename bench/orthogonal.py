@@ -13,7 +13,7 @@ is also given as a ratio of the as-trained (amount 0) row measured in the same r
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0,1   # SmolLM2's chained dials (`nbs/11_real`), ~1.5 h on 2 cores
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25  # the chain trained with anchors (its models' training printed too)
     HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --anchor-share 0.25 --lr-scale 2  # and at twice the learning rates
-    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --joint-steps 16  # the chain, then 16 joint steps from it (and 48)
+    HF_HUB_OFFLINE=1 .venv/bin/python bench/orthogonal.py --model smollm2 --per-domain 16 --amounts 0 --joint-steps 16  # the chain, then 16 joint steps from it (and 48, 96)
 
 Vectors and results are kept in --out/<hash of model, seed, anchor share and the dial checkpoints>/ (a rerun with the
 same settings and models reads them; models trained again get a folder of their own).
