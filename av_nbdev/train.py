@@ -492,10 +492,10 @@ def chain_steps(base_dir:str|Path, # The base the chain starts from
                 levels:list, # The data's levels, lowest first
                )->dict: # (domain, level) -> {weight name: that level's model − the level below's}
     "The dial steps a chain of DPO models holds: each level's weights minus the weights of the model below it."
-    def weights(p): return {n: t.float() for n, t in load_model(p, dtype=torch.float32)[0].named_parameters()}
-    steps = {}
+    def weights(p): return {n: t.detach() for n, t in load_model(p, dtype=torch.float32)[0].named_parameters()}  # detached: no graph keeps the models alive
+    base, steps = weights(base_dir), {}
     for d, by_level in models.items():
-        below = weights(base_dir)
+        below = base
         for l in levels[1:]:
             here = weights(by_level[l])
             steps[(d, l)] = {n: here[n] - below[n] for n in here}
