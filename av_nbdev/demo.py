@@ -34,11 +34,11 @@ from .baselines import compare_baselines
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out',
            'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'dial_vector', 'real_stage', 'copy_checkpoints',
            'vector_stage', 'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage',
-           'well_formed_check', 'measure_dial', 'dial_knots', 'two_vector_dials', 'choose_dial_positions',
-           'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage', 'training_seconds',
-           'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage', 'target_settings',
-           'handwritten_check', 'run_demo', 'handwritten_text', 'write_report', 'dial_study_lines', 'summary_text',
-           'results_table', 'dial_study_rows', 'retrain_rows', 'readme_section', 'update_readme']
+           'well_formed_check', 'judged_shares', 'measure_dial', 'dial_knots', 'two_vector_dials',
+           'choose_dial_positions', 'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage',
+           'training_seconds', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
+           'target_settings', 'handwritten_check', 'run_demo', 'handwritten_text', 'write_report', 'dial_study_lines',
+           'summary_text', 'results_table', 'dial_study_rows', 'retrain_rows', 'readme_section', 'update_readme']
 
 # %% ../nbs/10_demo.ipynb #c8674c3e
 @dataclass
@@ -235,7 +235,8 @@ def dial_report_stage(base:Path, vectors:dict, # As for `sweep_stage`
     knobs, tok = _knobs(base, vectors)
     accept, checked = well_formed_check(knobs, tok, tune, min_well_formed)
     settings = dial_settings(sweep_part(_df(sweep), "tune"), accept=accept)
-    return measure_dial(knobs, tok, records, settings, well_formed_records=tune + records) | {
+    judge = TfidfJudge(load_splits()["train"])
+    return measure_dial(knobs, tok, records, settings, well_formed_records=tune + records, judge=judge) | {
         "settings": settings, "tune_well_formed": [{"domain": d, "setting": dict(s), "well_formed": v} for (d, s), v in checked.items()]}
 
 def well_formed_check(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
@@ -252,15 +253,27 @@ def well_formed_check(knobs, tokenizer, # `Knobs` over the model, and its tokeni
         return checked[key] >= min_well_formed
     return accept, checked
 
+def judged_shares(labels:list, # A judge's labels of one setting's answers (a level, or "malformed")
+                  level:str, # The level the setting is meant to give
+                 )->dict: # judged (that level's share of the labels), judged_reached (it is the strict plurality), judged_n
+    "How a setting's greedy answers read: the share the judge gives `level`, and whether `level` is the strict plurality of the labels."
+    if not labels: return {"judged": None, "judged_reached": None, "judged_n": 0}
+    counts = pd.Series(labels, dtype=object).value_counts()
+    n, rivals = int(counts.get(level, 0)), counts.drop(level, errors="ignore")
+    return {"judged": n / len(labels), "judged_reached": bool(n > (rivals.max() if len(rivals) else 0)), "judged_n": len(labels)}
+
 def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  records:list, # Held-out records nobody tuned on (the reporting half)
                  dial:dict, # domain -> level -> {knob: λ} or None (chosen elsewhere)
                  well_formed_records:list|None=None, # Records whose own-domain queries are answered greedily at each setting
+                 judge=None, # With `well_formed_records`: a `judge.Judge` that labels the greedy answers to the domain's queries in `records`
                 )->dict: # {"reached": domain -> level -> {...} or None, "leakage": domain -> {...} or None}
     """A dial measured on `records` at settings chosen elsewhere: each level's share and whether it is the strict plurality
     of its domain there (pooled, seen and unseen topics), and the leakage ratio on the mean level (`mean_level_leakage`) from
     every knob at 0 to each domain's highest-level setting. With `well_formed_records`, each setting's greedy answers
-    to that domain's queries among them: the well-formed share and how many answers it counts."""
+    to that domain's queries among them: the well-formed share and how many answers it counts; with `judge` as well,
+    what the answers to the domain's queries in `records` say (`judged_shares`): the likelihood ranks written responses,
+    the judge reads what the model itself writes."""
     zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
     def table(lam:dict)->pd.DataFrame:  # one evaluation per distinct setting
         key = json.dumps(zero | lam, sort_keys=True)
@@ -279,8 +292,13 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
             reached[d][lvl] = {"setting": lam, "share": share(own), "share_seen": share(own[~unseen]), "share_unseen": share(own[unseen]),
                                "reached": hit(own), "reached_seen": hit(own[~unseen]), "reached_unseen": hit(own[unseen])}
             if well_formed_records is not None:
-                queries = _own_queries(well_formed_records, d)
-                reached[d][lvl] |= {"well_formed": float(_well_formed_at(knobs, tokenizer, queries, lam)), "well_formed_n": len(queries)}
+                mine = [r for r in well_formed_records if r["domain"] == d]
+                answers = _greedy_at(knobs, tokenizer, [r["query"] for r in mine], lam)
+                reached[d][lvl] |= {"well_formed": float(answers.problem.isna().mean()), "well_formed_n": len(answers)}
+                if judge is not None:  # only the answers to `records`' queries: no setting was chosen on them
+                    ids = set(_ids(records))
+                    rep = answers[[r["id"] in ids for r in mine]]
+                    reached[d][lvl] |= judged_shares(judge(list(zip(rep["query"], rep.answer))), lvl)
         top = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
         if top is None: leakage[d] = None; continue
         after = share_matrix(table(top))
@@ -355,7 +373,8 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
     targets = targets_for(tuple(settings), LEVELS)
     rows = targets_by_dials(knobs, tok, settings, targets, tune)
     measured, n_report = measure_targets(knobs, tok, pd.DataFrame(rows), report) if rows else (pd.DataFrame(), 0)
-    levels = measure_dial(knobs, tok, report, settings, well_formed_records=tune + report)  # well-formed: every sampled query of the domain
+    levels = measure_dial(knobs, tok, report, settings, well_formed_records=tune + report,  # well-formed: every sampled query of the domain
+                          judge=TfidfJudge(load_splits()["train"]))
     well = {d: {l: v and v["well_formed"] for l, v in lv.items()} for d, lv in levels["reached"].items()}
     dials = Dials(knobs, {f"{d} dial": (d, s) for d, s in scheds.items()})  # the search moves dial positions
     def search():
@@ -375,9 +394,13 @@ def dial_study_stage(base:Path, # Checkpoint the knobs act on
                             "targets_report": n_report * len(report) / n, "search_tuning": n_search * len(tune) / n,
                             "search_report": n_found * len(report) / n}}
 
+def _greedy_at(knobs, tokenizer, queries:list, lam:dict)->pd.DataFrame:
+    "Greedy answers to `queries` with the knobs at `lam` (others 0), and what is wrong with each (`scoring.well_formed`)."
+    with knobs.using(**({k: 0.0 for k in knobs.lambdas} | lam)): return well_formed(knobs.model, tokenizer, queries)
+
 def _well_formed_at(knobs, tokenizer, queries:list, lam:dict)->float:
     "Share of greedy answers to `queries` that are well-formed with the knobs at `lam` (others 0)."
-    with knobs.using(**({k: 0.0 for k in knobs.lambdas} | lam)): return well_formed(knobs.model, tokenizer, queries).problem.isna().mean()
+    return _greedy_at(knobs, tokenizer, queries, lam).problem.isna().mean()
 
 # %% ../nbs/10_demo.ipynb #b3b82a57
 def retrain_targets(cfg:DemoConfig)->list:
@@ -484,21 +507,31 @@ def handwritten_check(base:Path, # Checkpoint the knobs act on
                       best:list, # `multidomain.best` rows (`target_settings`)
                       target_vectors:dict|None=None, # knob -> vector file the targets' λs apply to; default `vectors`
                       transfer:bool=False, # Vectors from another base allowed (a dial's expert step: its base is the generic model)
+                      judged:bool=True, # Also the greedy answers to each domain's hand-written queries at its dial's settings, judged
                      )->dict|None: # levels each dial reaches, and targets reached, on the hand-written queries
-    "The settings chosen on the generated queries, measured once more on hand-written ones (None without the file)."
+    """The settings chosen on the generated queries, measured once more on hand-written ones (None without the file): by
+    likelihood (the level of the hand-written response the model finds likeliest) and, with `judged`, by what the model
+    itself answers to those queries (`judged_shares` of its greedy answers, labelled by the TF-IDF judge)."""
     f = default_data_dir()/HANDWRITTEN
     if not f.exists(): return None
     recs = load_records(f)
     knobs, tok = _knobs(base, vectors, transfer)
-    levels = {}
+    judge = TfidfJudge(load_splits()["train"]) if judged else None
+    levels, answered = {}, {}
     for dom, by_level in dial.items():
         got = [lvl for lvl, lam in by_level.items()
                if lam is not None and plurality(share_matrix(evaluate(knobs, tok, recs, **lam)).loc[dom]) == lvl]
         levels[dom] = got
+        if judge is None: continue
+        queries = _own_queries(recs, dom)
+        answered[dom] = {lvl: None if lam is None else judged_shares(judge([(q, a) for q, a in zip(queries, _greedy_at(knobs, tok, queries, lam).answer)]), lvl)
+                         for lvl, lam in by_level.items()}
     if target_vectors is not None and target_vectors != vectors: knobs, tok = _knobs(base, target_vectors, transfer)
     tried = [r for r in best if r["reached"]]  # the targets reached on the generated queries
     reached = [r["target"] for r in tried if target_score(share_matrix(evaluate(knobs, tok, recs, **r["lambdas"])), r["target"])[0]]
-    return {"records": len(recs), "dial_levels_reached": levels, "targets_tried": len(tried), "targets_reached": reached}
+    return {"records": len(recs), "dial_levels_reached": levels, "targets_tried": len(tried), "targets_reached": reached,
+            **({"judged": answered, "dial_levels_judged": {d: [l for l, v in lv.items() if v and v["judged_reached"]] for d, lv in answered.items()}}
+               if judge is not None else {})}
 
 # %% ../nbs/10_demo.ipynb #f2966d2d
 def run_demo(out:str|Path="runs/demo", # Report folder
@@ -565,19 +598,19 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     dial_of = lambda r: r["dial_report"]["settings"]  # settings per domain and level, chosen on the tuning half
     # the key names how the stage chooses and what it measures, so a report made another way is measured again
     jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", parts,
-                                                            "well_formed", "accepted if well-formed on the tuning half", "share_seen"),
+                                                            "well_formed", "accepted if well-formed on the tuning half", "share_seen", "judged"),
                                                   "dial_report_stage", (base, vec("plain"), report_half, r["sweep"], tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
     jobs["handwritten"] = (("dial_report", "surrogate"),
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
-                                                dial_of(r), target_settings(r["surrogate"]["best"])),
+                                                dial_of(r), target_settings(r["surrogate"]["best"]), "judged"),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in DIAL_KINDS}
-        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds", "share_seen")
+        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds", "share_seen", "judged")
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
-            stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"]),
+            stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"], "judged"),
             "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]), None, True)))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
@@ -672,9 +705,10 @@ def _plots(out:Path, sweep, transfer, leaks:dict, dial_sweep=None)->dict:
 
 def handwritten_text(h:dict, # `handwritten_check`'s result
                     )->str:
-    "The levels each dial reaches on the hand-written queries, and the targets that hold there, in one line."
-    return ("; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in h["dial_levels_reached"].items()) +
-            f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries")
+    "The levels each dial reaches on the hand-written queries, and the targets that hold there (and the judged answers' levels), in one line."
+    levels = lambda by_domain: "; ".join(f"{d} " + (", ".join(ls) or "none") for d, ls in by_domain.items())
+    return (levels(h["dial_levels_reached"]) + f"; targets {len(h['targets_reached'])} of the {h['targets_tried']} reached on generated queries"
+            + (f"; the model's own greedy answers, judged: {levels(h['dial_levels_judged'])}" if "dial_levels_judged" in h else ""))
 
 def write_report(out:Path, report:dict, sweep, transfer, leaks:dict, summary, retrain, grid, surr):
     "Write `report.json`, the PNGs and `report.md` (tables and plots inline)."
@@ -744,11 +778,13 @@ def dial_study_lines(ds:dict)->list:
     rows = [{"domain": d, "level": l, "position": None if ds["positions"][d][l] is None else ds["positions"][d][l][f"{d} dial"],
              "share": v and v["share"], "share (seen topics)": v and v.get("share_seen"), "share (unseen topics)": v and v.get("share_unseen"),
              "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
-             "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l]}
+             "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l],
+             "judged answers at the level": v and v.get("judged"), "judged: reached": v and v.get("judged_reached")}
             for d, lv in ds["levels"].items() for l, v in lv.items()]
     return [f"## Two-vector dials (generic vector up, then expert on top; {ds.get('vectors', 'plain')} vectors)", "",
             "Each level's dial position chosen on the tuning half, measured on the reporting half (well-formed: greedy answers to the "
-            "domain's queries of both halves):", "",
+            "domain's queries of both halves; judged: the share of the greedy answers to the reporting half's queries that the judge "
+            "labels at the level, and whether that label is their strict plurality):", "",
             md_table(pd.DataFrame(rows)), "",
             "A dial along the positions (reporting half / tuning half): " +
             "; ".join(f"{k} {v['is_dial']} / {v.get('is_dial_tune')}" for k, v in ds["dial_check"].items()) + ". Leakage ratio on the "
@@ -855,6 +891,12 @@ def dial_study_rows(ds:dict, # A report's `dial_study`
              f"{_num(np.mean(reached) if reached else None)} (min {_num(min(reached) if reached else None)}), in "
              f"{ev['calibration'] + ev['targets_tuning']:g} evaluations; probe–solve–verify search over the dial positions "
              f"{ds['search']['reached']} in {ds['search']['evaluations']}")]
+    judged = [(d, l, v) for d, lv in ds["levels"].items() for l, v in lv.items() if v and v.get("judged_n")]
+    if judged:
+        rows.append(("two-vector dials: the model's own greedy answers to the reporting half's queries at each level's setting, "
+                     "share the judge labels at that level (✓: the strict plurality)",
+                     "; ".join(f"{d} " + ", ".join(f"{l} {_num(v['judged'])}{' ✓' if v['judged_reached'] else ''}" for dd, l, v in judged if dd == d)
+                               for d in ds["levels"])))
     if h := ds.get("handwritten"):
         rows.append((f"two-vector dials on the hand-written queries ({h['records']}): levels reached", handwritten_text(h)))
     return rows
