@@ -18,8 +18,8 @@ from .train import DPOConfig, dpo, build_pairs, reward_accuracy, joint_dial_mode
 from .vectors import base_fingerprint
 
 # %% auto #0
-__all__ = ['REAL_DPO', 'REAL_JOINT_DPO', 'REAL_CHAIN_EXPERT_DPO', 'param_counts', 'freeze_embeddings_', 'base_identity',
-           'sample_pairs', 'real_pipeline', 'real_dial_models', 'real_chained_dials']
+__all__ = ['REAL_DPO', 'REAL_JOINT_DPO', 'REAL_JOINT_NLL', 'REAL_CHAIN_EXPERT_DPO', 'param_counts', 'freeze_embeddings_',
+           'base_identity', 'sample_pairs', 'real_pipeline', 'real_dial_models', 'real_chained_dials']
 
 # %% ../nbs/11_real.ipynb #1d952350
 REAL_DPO = DPOConfig(beta=0.1, steps=16, batch_size=4, lr=1e-5, warmup=2, max_length=256, stop_margin=15.0)
@@ -109,6 +109,7 @@ def real_pipeline(base:Path, # The base's HF folder (see `base_dir`)
 
 # %% ../nbs/11_real.ipynb #19436764
 REAL_JOINT_DPO = DPOConfig(beta=0.1, steps=24, batch_size=4, grad_accum=2, lr=2e-5, warmup=2, max_length=256, stop_margin=None)
+REAL_JOINT_NLL = 0.05 # The likelihood term's weight, on every chosen response (`joint_dpo`'s `nll_lowest`): the recipe measured below
 
 def real_dial_models(base:Path, # The base's HF folder (see `base_dir`)
                      out_dir:str|Path|None=None, # Cache folder; default `cache_dir()/"real"`
@@ -123,7 +124,7 @@ def real_dial_models(base:Path, # The base's HF folder (see `base_dir`)
     "Every domain's dial steps on a pretrained base, trained together or reused: `<out_dir>/<base name>/<base content>/joint-<key>/`."
     base = base_dir(base)
     root = Path(out_dir or cache_dir()/"real")/base.name/base_identity(base)
-    return joint_dial_models(base, root, dataclasses.replace(dpo_cfg or REAL_JOINT_DPO, seed=seed), n_wellformed=n_wellformed,
+    return joint_dial_models(base, root, dataclasses.replace(dpo_cfg or REAL_JOINT_DPO, seed=seed), nll=REAL_JOINT_NLL, nll_lowest=True, n_wellformed=n_wellformed,
                              prepare=freeze_embeddings_ if freeze_embeddings else None, progress=progress, refresh=refresh,
                              start_from=start_from)
 

@@ -24,7 +24,7 @@ from .stages import records_hash, write_json, write_csv, run_jobs, threads
 __all__ = ['TRAIN_PASS', 'PRETRAIN', 'SFT', 'JOINT_DPO', 'JOINT_NLL', 'SFTConfig', 'train_loop', 'by_query', 'pretrain', 'sft',
            'dpo_loss', 'DPOConfig', 'margin_stop', 'dpo', 'reward_accuracy', 'base_preference', 'anchor_records',
            'preference_anchors', 'build_pairs', 'tiny_pipelines', 'tiny_pipeline', 'pipeline_metrics', 'DialSteps',
-           'level_steps', 'joint_dpo', 'chain_steps', 'joint_dial_models']
+           'level_steps', 'joint_pair_loss', 'joint_dpo', 'chain_steps', 'joint_dial_models']
 
 # %% ../nbs/02_train.ipynb #97f69f46
 @dataclass
@@ -382,7 +382,8 @@ def pipeline_metrics(paths:dict, # From `tiny_pipeline`
 # %% ../nbs/02_train.ipynb #j01d1a02
 JOINT_DPO = DPOConfig(steps=600, batch_size=4, grad_accum=2, beta=0.03, stop_margin=None) # 2 targets per step, 2 queries of every domain each;
     # a low β: DPO's loss keeps pushing the other levels down after the training topics are separated (what carries to unseen topics)
-JOINT_NLL = 0.05 # Weight of the likelihood term in the dials' joint training: enough to keep greedy answers well-formed
+JOINT_NLL = 0.1 # Weight of the likelihood term in the dials' joint training (on the raised domains' chosen responses):
+    # enough to keep greedy answers well-formed and to make them the level's, small enough to leave DPO's push on unseen topics
 
 class DialSteps(torch.nn.Module):
     """Trainable steps around a model, one per key, each shaped like the model's trainable weights (zero at the start, or
@@ -431,6 +432,19 @@ def level_steps(levels:list, # The data's levels, lowest first
                )->list: # The dial steps a domain at `level` turns on: one per level above the lowest, up to `level`
     return list(levels[1:levels.index(level) + 1])
 
+def joint_pair_loss(policy:torch.Tensor, # (2n,) the policy's summed log-probs: chosen, rejected, chosen, rejected, ...
+                    counts:torch.Tensor, # (2n,) the responses' token counts, in the same order
+                    ref_chosen:torch.Tensor, ref_rejected:torch.Tensor, # (n,) the base's summed log-probs
+                    in_nll:torch.Tensor, # (n,) 1 where the pair's chosen response takes the likelihood term, 0 where not
+                    beta:float, nll:float, floor:float, # DPO's β; the likelihood term's and the floor's weights
+                   )->tuple: # (per-pair loss (n,), its DPO part (n,), chosen rewards, rejected rewards, chosen per-token NLL (n,))
+    "DPO's loss per pair, plus `nll` × the chosen response's per-token NLL where `in_nll`, plus `floor` × how far it falls below the base's."
+    loss, rw, rl = dpo_loss(policy[0::2], policy[1::2], ref_chosen, ref_rejected, beta=beta)
+    per_token = counts[0::2].clamp(min=1)
+    chosen_nll = -policy[0::2] / per_token
+    below = (ref_chosen - policy[0::2]).clamp(min=0) / per_token  # the chosen response less likely than under the base
+    return loss + nll * in_nll * chosen_nll + floor * below, loss, rw, rl, chosen_nll
+
 def joint_dpo(model, # The base: frozen; the steps are trained around it
               tokenizer,
               records:list, # Training records of every domain
@@ -439,12 +453,16 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
               floor:float=0.0, # Weight of how far a chosen response's per-token log-likelihood falls below the base's (0 above it)
               progress:bool=True,
               start:dict|None=None, # (domain, level) -> {weight name: tensor}: the steps start there (`chain_steps`), not at zero
+              nll_lowest:bool=False, # The likelihood term on every chosen response, also the lowest level's of the domains a target leaves there
              )->tuple: # (`DialSteps` keyed (domain, level), per-step log)
     """Every domain's dial steps trained together. A step per domain and level above the lowest; a domain set to a level
     turns on its steps up to that level. Each micro-batch draws a target (a level per domain, not all the lowest), runs
     the base plus the target's steps, and takes DPO's loss against the base on queries of every domain: the domain's
     target level ≻ each other level. So every combination of dial settings is trained, not one domain at a time. With
-    `nll`, the chosen responses also stay likely (not only likelier than the rejected): the answers stay well-formed;
+    `nll`, the chosen responses of the domains the target raises above their lowest level also become likely (not only
+    likelier than the rejected): the answers stay well-formed and become that level's. The domains left at their lowest
+    level keep DPO's preference only: a likelihood term on their refusals would teach the active steps to write refusals,
+    and a small model writes them to the raised domain's queries too (`nll_lowest` puts it on every chosen response);
     `floor` only keeps them from falling below the base's likelihood (DPO-Positive's term, per token). With `start`, the
     steps start from given ones, e.g. a chain of per-domain DPO models, and the joint loss teaches them the combinations."""
     cfg = cfg or JOINT_DPO
@@ -475,10 +493,9 @@ def joint_dpo(model, # The base: frozen; the steps are trained around it
             pol, cnt = response_logprob_sums(steps.use(active), tokenizer, [r["query"] for r, _, _ in pairs for _ in (0, 1)],
                                            [r["responses"][x] for r, c, o in pairs for x in (c, o)], max_length=cfg.max_length, batch_size=TRAIN_PASS)
             rc, rr = torch.tensor([ref[r["id"]][c] for r, c, _ in pairs]), torch.tensor([ref[r["id"]][o] for r, _, o in pairs])
-            loss, rw, rl = dpo_loss(pol[0::2], pol[1::2], rc, rr, beta=cfg.beta)
-            chosen_nll = -pol[0::2] / cnt[0::2].clamp(min=1)
-            below = (rc - pol[0::2]).clamp(min=0) / cnt[0::2].clamp(min=1)  # the chosen response less likely than under the base
-            ((loss.sum() + nll * chosen_nll.sum() + floor * below.sum()) / n).backward()
+            in_nll = torch.tensor([float(nll_lowest or c != levels[0]) for _, c, _ in pairs])
+            total, loss, rw, rl, chosen_nll = joint_pair_loss(pol, cnt, rc, rr, in_nll, cfg.beta, nll, floor)
+            (total.sum() / n).backward()
             steps.collect(active)
             for k, v in dict(loss=loss.detach(), reward_acc=(rw > rl).float(), margin=rw - rl, nll=chosen_nll.detach()).items():
                 st[k] += v.sum().item() / n
@@ -513,6 +530,7 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
                       refresh:bool=False, # Train again although cached
                       progress:bool=True,
                       start_from:dict|None=None, # domain -> level -> checkpoint of a chain from `base_dir` (`chain_steps`): the steps start there
+                      nll_lowest:bool=False, # The likelihood term on every chosen response (`joint_dpo`)
                      )->dict: # domain -> level -> checkpoint folder, for every level above the lowest
     """Train (or reuse) every domain's dial steps together (`joint_dpo`) and save, per domain and level, the base plus that
     domain's steps up to the level as a checkpoint: the domain's dial at that level with every other dial at the lowest.
@@ -522,7 +540,7 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
     base_dir = Path(base_dir)
     root = Path(out_dir) if out_dir is not None else base_dir.parent
     key = short_hash("joint-dpo", base_dir.name, records_hash(data["train"]), records_hash(data["test"]), asdict(cfg), nll, n_wellformed,
-                     *([floor] if floor else []), *([prepare.__name__] if prepare else []),
+                     *([floor] if floor else []), *([prepare.__name__] if prepare else []), *([] if nll_lowest else ["nll on raised domains"]),
                      *([sorted(str(p) for ls in start_from.values() for p in ls.values())] if start_from else []))
     folder = root/f"joint-{key}"
     names = {d: {l: folder/f"{d}-{l}-{key}" for l in levels[1:]} for d in domains}  # a name carries its run's settings, as every stage's does
@@ -531,9 +549,9 @@ def joint_dial_models(base_dir:str|Path, # The SFT base, e.g. `tiny_pipeline()["
             base, tok = load_model(base_dir, dtype=torch.float32)
             if prepare: prepare(base)
             start = chain_steps(base_dir, start_from, levels) if start_from else None
-            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress, start=start)
+            steps, log = joint_dpo(base, tok, data["train"], cfg, nll, floor, progress=progress, start=start, nll_lowest=nll_lowest)
             metrics = {"steps": len(log), "seconds": float(log.seconds.iloc[-1]), "train_margin": float(log.margin.iloc[-cfg.window:].mean()),
-                       "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll, "beta": cfg.beta,
+                       "train_nll": float(log.nll.iloc[-cfg.window:].mean()), "nll_weight": nll, "nll_lowest": nll_lowest, "beta": cfg.beta,
                        "models": [], **({"start_from": {d: {l: str(p) for l, p in ls.items()} for d, ls in start_from.items()}} if start_from else {})}
             for d in domains:
                 for l in levels[1:]:

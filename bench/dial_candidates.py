@@ -19,7 +19,8 @@ symX (symmetric anchors: every ordered pair of levels on other-domain queries, w
 (anchor loss × W), chain (the expert model trained from the generic one, its vector expert − generic), nllA / enllA
 (a likelihood term on the chosen responses; enll: the chained expert step only), retainG (squared change of the other domains' per-token likelihoods × G), sN (at most N steps); joint (every
 domain's generic and expert steps trained together on every combination of dial settings: `train.joint_dial_models`;
-tT, qQ: T targets per step, Q queries per domain each; nllA: the likelihood term's weight, default 0; floorF: DPO-Positive's
+tT, qQ: T targets per step, Q queries per domain each; nllA: the likelihood term's weight on the raised domains' chosen
+responses, default 0; lowest: on every chosen response (`nll_lowest`); floorF: DPO-Positive's
 floor on the chosen responses' likelihood; betaB: DPO's β, default `DPOConfig`'s 0.1). Targets are counted three ways: by_dials (each dial turned
 to its level's tuned position, no search), by_knots (each dial at 0, 1 or 2: where its steps were trained) and the
 surrogate search.
@@ -45,7 +46,7 @@ from av_nbdev.sweep import dial_schedule, is_dial, mean_level, mean_level_leakag
 LEVELS = ("avoidance", "generic", "expert")
 DOMAINS = ("medical", "legal", "financial")
 STEP = 0.25
-WINNER = "joint_nll0.05_beta0.03"  # the recipe `train.joint_dial_models` implements with its defaults (what `av demo --dial` trains)
+WINNER = "joint_nll0.1_beta0.03"  # the recipe `train.joint_dial_models` implements with its defaults (what `av demo --dial` trains)
 
 
 # ----------------------------------------------------------------------------------------------------------------- data
@@ -486,7 +487,7 @@ def build_candidate(name:str, ctx:dict)->dict:
             vec(d, d, "expert", dpo_model(out, f"{d}-{name}", base_dir, pairs, cfg))
         scheds = {d: dial_schedule([(0.0, {d: 0.0}), (1.0, {d: 1.0})]) for d in DOMAINS}
         grid = np.round(np.arange(-1.5, 3.01, STEP), 2)
-    elif name.startswith("joint"):  # joint[_sN][_tT][_qQ][_nllA][_floorF][_betaB]: `train.joint_dial_models`, N steps of T targets × Q queries per domain
+    elif name.startswith("joint"):  # joint[_sN][_tT][_qQ][_nllA][_lowest][_floorF][_betaB]: `train.joint_dial_models`, N steps of T targets × Q queries per domain
         from av_nbdev.train import joint_dial_models, JOINT_DPO
         parts = name.split("_")
         t_per = next((int(p[1:]) for p in parts if p[:1] == "t" and p[1:].isdigit()), JOINT_DPO.grad_accum)
@@ -496,7 +497,7 @@ def build_candidate(name:str, ctx:dict)->dict:
                        beta=next((float(p[4:]) for p in parts if p.startswith("beta")), DPOConfig.beta))  # _betaB: DPO's β
         nll = next((float(p[3:]) for p in parts if p.startswith("nll")), 0.0)  # _nllA: the likelihood term's weight (default none)
         floor = next((float(p[5:]) for p in parts if p.startswith("floor")), 0.0)  # _floorF: the likelihood floor's weight
-        m = joint_dial_models(base_dir, progress=False, dpo_cfg=jcfg, nll=nll, floor=floor)
+        m = joint_dial_models(base_dir, progress=False, dpo_cfg=jcfg, nll=nll, floor=floor, nll_lowest="lowest" in parts)
         jm = json.loads((m[DOMAINS[0]]["generic"].parent/"metrics.json").read_text())
         for d in DOMAINS:
             G, E = f"{d}_generic", f"{d}_expert"
@@ -626,7 +627,7 @@ def main():
              ["plain", "plain_orth", "ordinal", "ordinal_anchor1_s240", "perlevel", "perlevel_handoff",
               "perlevel_anchor0.5", "perlevel_anchor1", "perlevel_ga_anchor1_s240", "perlevel_ga_anchor1_s240_chain",
               "perlevel_ga_sym2_aw10_s240_chain", "perlevel_ga_anchor0.3_s240_chain", "perlevel_ga_anchor0.3_s240_chain_enll1",
-              "joint", "joint_nll1", "joint_nll0.2", "joint_nll0.05", "joint_floor1", "joint_nll0.05_beta0.05", WINNER])
+              "joint", "joint_nll1", "joint_nll0.2", "joint_nll0.05", "joint_floor1", "joint_nll0.05_beta0.05", "joint_nll0.05_lowest_beta0.03", WINNER])
     rows = []
     for n in names:
         f = out/"results"/f"{n}{'-quick' if a.quick else ''}{'' if a.min_wf == 0.8 else f'-minwf{a.min_wf:g}'}.json"
