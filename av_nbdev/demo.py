@@ -255,12 +255,13 @@ def well_formed_check(knobs, tokenizer, # `Knobs` over the model, and its tokeni
 
 def judged_shares(labels:list, # A judge's labels of one setting's answers (a level, or "malformed")
                   level:str, # The level the setting is meant to give
-                 )->dict: # judged (that level's share of the labels), judged_reached (it is the strict plurality), judged_n
-    "How a setting's greedy answers read: the share the judge gives `level`, and whether `level` is the strict plurality of the labels."
-    if not labels: return {"judged": None, "judged_reached": None, "judged_n": 0}
+                 )->dict: # judged (that level's share of the labels), judged_reached (it is the strict plurality), judged_n, judged_labels (label -> count)
+    "How a setting's greedy answers read: the share the judge gives `level`, whether `level` is the strict plurality of the labels, and every label's count."
+    if not labels: return {"judged": None, "judged_reached": None, "judged_n": 0, "judged_labels": {}}
     counts = pd.Series(labels, dtype=object).value_counts()
     n, rivals = int(counts.get(level, 0)), counts.drop(level, errors="ignore")
-    return {"judged": n / len(labels), "judged_reached": bool(n > (rivals.max() if len(rivals) else 0)), "judged_n": len(labels)}
+    return {"judged": n / len(labels), "judged_reached": bool(n > (rivals.max() if len(rivals) else 0)), "judged_n": len(labels),
+            "judged_labels": {str(k): int(v) for k, v in counts.items()}}
 
 def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  records:list, # Held-out records nobody tuned on (the reporting half)
@@ -598,19 +599,19 @@ def run_demo(out:str|Path="runs/demo", # Report folder
     dial_of = lambda r: r["dial_report"]["settings"]  # settings per domain and level, chosen on the tuning half
     # the key names how the stage chooses and what it measures, so a report made another way is measured again
     jobs["dial_report"] = (("sweep",), lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain",)), "dial_report", parts,
-                                                            "well_formed", "accepted if well-formed on the tuning half", "share_seen", "judged"),
+                                                            "well_formed", "accepted if well-formed on the tuning half", "share_seen", "judged labels"),
                                                   "dial_report_stage", (base, vec("plain"), report_half, r["sweep"], tune)))
     hand = default_data_dir()/HANDWRITTEN
     hand_key = records_hash(load_records(hand)) if hand.exists() else None
     jobs["handwritten"] = (("dial_report", "surrogate"),
                            lambda r: (stage_key(asdict(cfg), data_key, names(r, ("plain", md_kind)), "handwritten", hand_key,
-                                                dial_of(r), target_settings(r["surrogate"]["best"]), "judged"),
+                                                dial_of(r), target_settings(r["surrogate"]["best"]), "judged labels"),
                                       "handwritten_check", (base, vec("plain"), dial_of(r), target_settings(r["surrogate"]["best"]), vec(md_kind))))
     if cfg.dial_vectors:
         dial_files = {f"{d}-{KINDS[k][1]}": vector_file(out, k, d) for d in DOMAINS for k in DIAL_KINDS}
-        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds", "share_seen", "judged")
+        jobs["dial_study"] = stage("dial_study_stage", DIAL_KINDS, (base, dial_files, tune, report_half, c), parts, "sweep", "calibration_seconds", "share_seen", "judged labels")
         jobs["handwritten_dials"] = (("dial_study",), lambda r: (
-            stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"], "judged"),
+            stage_key(asdict(cfg), data_key, names(r, DIAL_KINDS), "handwritten_dials", hand_key, r["dial_study"]["settings"], "judged labels"),
             "handwritten_check", (base, dial_files, r["dial_study"]["settings"], target_settings(r["dial_study"]["targets"]), None, True)))
     if cfg.anchored: jobs["anchored"] = stage("sweep_stage", ("anchored",), (base, vec("anchored"), sample, c, True, None, False, parts), parts)
     jobs |= {f"retrain{i}": stage("retrain_stage", (), (base, report_half, t, c), t, parts) for i, t in enumerate(targets)}
@@ -779,7 +780,8 @@ def dial_study_lines(ds:dict)->list:
              "share": v and v["share"], "share (seen topics)": v and v.get("share_seen"), "share (unseen topics)": v and v.get("share_unseen"),
              "reached": v and v["reached"], "seen topics": v and v["reached_seen"],
              "unseen topics": v and v["reached_unseen"], "well-formed": ds["well_formed"][d][l],
-             "judged answers at the level": v and v.get("judged"), "judged: reached": v and v.get("judged_reached")}
+             "judged answers at the level": v and v.get("judged"), "judged: reached": v and v.get("judged_reached"),
+             "judged labels": v and json.dumps(v.get("judged_labels"))}
             for d, lv in ds["levels"].items() for l, v in lv.items()]
     return [f"## Two-vector dials (generic vector up, then expert on top; {ds.get('vectors', 'plain')} vectors)", "",
             "Each level's dial position chosen on the tuning half, measured on the reporting half (well-formed: greedy answers to the "
