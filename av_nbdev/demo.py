@@ -34,7 +34,7 @@ from .baselines import compare_baselines
 __all__ = ['REAL_DEMO', 'MARKER', 'KINDS', 'DIAL_KINDS', 'HANDWRITTEN', 'RESULTS_MARKERS', 'DemoConfig', 'prepare_out',
            'base_stage', 'vector_file', 'dpo_stage', 'dial_stage', 'dial_vector', 'real_stage', 'copy_checkpoints',
            'vector_stage', 'sweep_stage', 'reached_counts', 'search_stage', 'dial_check', 'dial_report_stage',
-           'well_formed_check', 'judged_shares', 'measure_dial', 'dial_knots', 'two_vector_dials',
+           'well_formed_check', 'judged_shares', 'judge_answers', 'measure_dial', 'dial_knots', 'two_vector_dials',
            'choose_dial_positions', 'targets_by_dials', 'dial_study_stage', 'retrain_targets', 'retrain_stage',
            'training_seconds', 'retrain_table', 'md_table', 'run_stages', 'report_path', 'baselines_stage',
            'target_settings', 'handwritten_check', 'run_demo', 'handwritten_text', 'write_report', 'dial_study_lines',
@@ -263,6 +263,13 @@ def judged_shares(labels:list, # A judge's labels of one setting's answers (a le
     return {"judged": n / len(labels), "judged_reached": bool(n > (rivals.max() if len(rivals) else 0)), "judged_n": len(labels),
             "judged_labels": {str(k): int(v) for k, v in counts.items()}}
 
+def judge_answers(judge, # A `judge.Judge`
+                  answers:pd.DataFrame, # Greedy answers (`scoring.well_formed`: query, answer)
+                  level:str, # The level their setting is meant to give
+                 )->dict: # `judged_shares` of the judge's labels
+    "The judge's reading of one setting's answers."
+    return judged_shares(judge(list(zip(answers["query"], answers.answer))), level)
+
 def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                  records:list, # Held-out records nobody tuned on (the reporting half)
                  dial:dict, # domain -> level -> {knob: λ} or None (chosen elsewhere)
@@ -275,7 +282,7 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
     to that domain's queries among them: the well-formed share and how many answers it counts; with `judge` as well,
     what the answers to the domain's queries in `records` say (`judged_shares`): the likelihood ranks written responses,
     the judge reads what the model itself writes."""
-    zero, tables = {k: 0.0 for k in knobs.lambdas}, {}
+    zero, tables, reported = {k: 0.0 for k in knobs.lambdas}, {}, set(_ids(records))
     def table(lam:dict)->pd.DataFrame:  # one evaluation per distinct setting
         key = json.dumps(zero | lam, sort_keys=True)
         if key not in tables: tables[key] = evaluate(knobs, tokenizer, records, **(zero | lam))
@@ -297,9 +304,7 @@ def measure_dial(knobs, tokenizer, # `Knobs` over the model, and its tokenizer
                 answers = _greedy_at(knobs, tokenizer, [r["query"] for r in mine], lam)
                 reached[d][lvl] |= {"well_formed": float(answers.problem.isna().mean()), "well_formed_n": len(answers)}
                 if judge is not None:  # only the answers to `records`' queries: no setting was chosen on them
-                    ids = set(_ids(records))
-                    rep = answers[[r["id"] in ids for r in mine]]
-                    reached[d][lvl] |= judged_shares(judge(list(zip(rep["query"], rep.answer))), lvl)
+                    reached[d][lvl] |= judge_answers(judge, answers[[r["id"] in reported for r in mine]], lvl)
         top = by_level[list(by_level)[-1]]  # the dataset's highest level (expert by default)
         if top is None: leakage[d] = None; continue
         after = share_matrix(table(top))
@@ -525,8 +530,7 @@ def handwritten_check(base:Path, # Checkpoint the knobs act on
         levels[dom] = got
         if judge is None: continue
         queries = _own_queries(recs, dom)
-        answered[dom] = {lvl: None if lam is None else judged_shares(judge([(q, a) for q, a in zip(queries, _greedy_at(knobs, tok, queries, lam).answer)]), lvl)
-                         for lvl, lam in by_level.items()}
+        answered[dom] = {lvl: None if lam is None else judge_answers(judge, _greedy_at(knobs, tok, queries, lam), lvl) for lvl, lam in by_level.items()}
     if target_vectors is not None and target_vectors != vectors: knobs, tok = _knobs(base, target_vectors, transfer)
     tried = [r for r in best if r["reached"]]  # the targets reached on the generated queries
     reached = [r["target"] for r in tried if target_score(share_matrix(evaluate(knobs, tok, recs, **r["lambdas"])), r["target"])[0]]
